@@ -1,0 +1,277 @@
+"""LLMEngine: add_request / step / abort_request. One step = schedule -> run -> sample -> update."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.policy import make_policy
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.trace import StepRecord
+from tokenmill.models.layers.attention import get_attention_backend
+from tokenmill.models.loader import load_hf_config, load_model, resolve_model
+from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
+from tokenmill.worker.model_runner import ModelRunner
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class _Parent:
+    """A user request: its n samples are separate Requests (children) sharing one prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        folder = resolve_model(config.model)
+        self.hf_config = load_hf_config(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or folder)
+        config.finalize(getattr(self.hf_config, "max_position_embeddings", 2048))
+        torch.set_num_threads(config.num_threads)
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(folder, self.hf_config, self.tokenizer)
+
+        dtype = config.torch_dtype
+        backend = get_attention_backend("torch")
+        model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len)
+        num_blocks = config.kv_cache_bytes() // kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+        if num_blocks * config.block_size < config.max_model_len:
+            raise ValueError(
+                f"kv_cache_memory ({config.kv_cache_bytes()} bytes = {num_blocks} blocks of "
+                f"{config.block_size} tokens) cannot hold one sequence of max_model_len "
+                f"({config.max_model_len}) tokens: raise kv_cache_memory or lower max_model_len")
+        self.scheduler = Scheduler(config, KVCacheManager(num_blocks, config.block_size), make_policy("fcfs"))
+        kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
+        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed)
+
+        self._parents: dict[str, _Parent] = {}
+        self._requests: dict[str, Request] = {}  # live children by id
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.num_steps = 0
+
+    # ---- requests in -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        params = self._finalize_params(sampling_params or SamplingParams(), len(token_ids))
+        parent = _Parent(request_id, text, token_ids)
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.clone(
+                n=1, seed=None if params.seed is None else params.seed + i)
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(child_id, token_ids, child_params, prompt=text, priority=priority,
+                          arrival_time=arrival_time, parent_id=request_id, index=i)
+            parent.children.append(req)
+            self._requests[child_id] = req
+            self._detokenizers[child_id] = IncrementalDetokenizer(
+                self.tokenizer, token_ids, child_params.skip_special_tokens, child_params.stop)
+            self.scheduler.add_request(req)
+        self._parents[request_id] = parent
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], None
+            else:
+                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, list):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        if ids is None:
+            if not isinstance(text, str):
+                raise ValueError("prompt must be a string")
+            ids = self.tokenizer.encode(text) if text else []
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.config.max_model_len} "
+                             f"(the prompt plus at least one generated token must fit)")
+        return text, ids
+
+    def _finalize_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids contains {bad_stop[0]}, outside the vocabulary [0, {self.vocab_size})")
+        room = self.config.max_model_len - prompt_len
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        return params.clone(max_tokens=max_tokens, all_stop_token_ids=frozenset(self.eos_token_ids))
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stop requests (by the id given to add_request) at once and free their blocks."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            for req in parent.children:
+                if not req.is_finished:
+                    self._finish(req, RequestStatus.FINISHED_ABORTED)
+                self._detokenizers.pop(req.request_id, None)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t_start = time.time()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        for s in sched.scheduled:
+            times = self._requests[s.request_id].times
+            if times.first_scheduled_time is None:
+                times.first_scheduled_time = t_start
+        result = self.runner.execute(sched)
+        now = time.time()
+        touched: dict[str, None] = {}
+        num_finished = 0
+        for rid, (token, logprobs) in result.sampled.items():
+            req = self._requests[rid]
+            req.append_token(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs)
+            if req.times.first_token_time is None:
+                req.times.first_token_time = now
+            req.times.last_token_time = now
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status, now)
+                num_finished += 1
+            touched[req.parent_id] = None
+        self.num_steps += 1
+        if self.config.log_steps:
+            print(StepRecord(self.num_steps, t_start, time.time(), sched.num_prefills, sched.num_decodes,
+                             sched.num_batched_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
+                             self.scheduler.kv.num_free_blocks, len(sched.preempted_ids),
+                             num_finished).format(), file=sys.stderr, flush=True)
+        return [self._make_output(pid) for pid in touched]
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.sampling_params
+        min_reached = req.num_output_tokens >= p.min_tokens
+        stop_str = self._detokenizers[req.request_id].add_token(token, check_stop=min_reached)
+        if min_reached:
+            if not p.ignore_eos and token in p.all_stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus, now: float | None = None) -> None:
+        req.times.finished_time = now if now is not None else time.time()
+        self.scheduler.finish_request(req, status)
+        del self._requests[req.request_id]
+
+    def _make_output(self, parent_id: str) -> RequestOutput:
+        parent = self._parents[parent_id]
+        outputs = []
+        for req in parent.children:
+            detok = self._detokenizers[req.request_id]
+            want_logprobs = req.sampling_params.logprobs is not None
+            outputs.append(CompletionOutput(
+                index=req.index, text=detok.text, token_ids=list(req.output_token_ids),
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                logprobs=list(req.output_logprobs) if want_logprobs else None,
+                cumulative_logprob=(sum(lp[t] for lp, t in zip(req.output_logprobs, req.output_token_ids))
+                                    if want_logprobs else None)))
+        finished = all(req.is_finished for req in parent.children)
+        if finished:
+            del self._parents[parent_id]
+            for req in parent.children:
+                self._detokenizers.pop(req.request_id, None)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                             _metrics(parent.children))
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.kv.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.scheduler.kv.num_used_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.scheduler.kv.pool.num_blocks
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if block accounting is off (and, when idle, if any block is used)."""
+        self.scheduler.check_integrity()
+        if not self.has_unfinished_requests() and self.num_used_blocks:
+            raise AssertionError(f"no live request, but {self.num_used_blocks} blocks are still used")
+
+
+def _metrics(children: list[Request]) -> RequestMetrics:
+    def first(values):
+        values = [v for v in values if v is not None]
+        return min(values) if values else None
+
+    times = [c.times for c in children]
+    done = all(t.finished_time is not None for t in times)
+    return RequestMetrics(
+        arrival_time=min(t.arrival_time for t in times),
+        first_scheduled_time=first(t.first_scheduled_time for t in times),
+        first_token_time=first(t.first_token_time for t in times),
+        last_token_time=max((t.last_token_time for t in times if t.last_token_time), default=None),
+        finished_time=max(t.finished_time for t in times) if done else None,
+        num_preemptions=sum(c.num_preemptions for c in children),
+    )
+
+
+def _eos_token_ids(folder, hf_config, tokenizer) -> set[int]:
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(folder)
+        eos = gen.eos_token_id
+    except OSError:
+        eos = getattr(hf_config, "eos_token_id", None)
+    for value in [eos, tokenizer.eos_token_id]:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids

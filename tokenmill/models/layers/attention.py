@@ -1,0 +1,145 @@
+"""Paged attention over a ragged batch: one small backend interface, a pure-PyTorch backend.
+
+The batch is flat: the new tokens of all scheduled requests are concatenated (no padding), and
+request i owns rows query_start_loc[i]:query_start_loc[i+1]. Each layer's cache is
+
+    kv_cache[0 | 1]  : [num_blocks, block_size, num_kv_heads, head_dim]   (0 = keys, 1 = values)
+
+and token p of request i lives in slot  block_tables[i][p // block_size] * block_size
++ p % block_size. A layer first writes the new K/V into their slots (slot_mapping), then each query
+attends causally over its own request's cached tokens, reached through the block table.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionInputs:
+    """What every backend gets for one step (built once by the model runner, shared by layers)."""
+    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot of each new token
+    query_start_loc: list[int]  # [num_reqs + 1]
+    seq_lens: list[int]  # [num_reqs]: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] long, padded with 0
+    block_size: int
+
+
+class AttentionBackend(ABC):
+    """Prepares per-step metadata once, then runs each layer's attention with it."""
+
+    name: str
+
+    @abstractmethod
+    def prepare(self, inputs: AttentionInputs) -> object:
+        """Derive whatever the backend needs for this step; the result is passed to forward()."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: object, scale: float) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] (new tokens). Writes k, v to the cache; returns [T, H, D]."""
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+@dataclass
+class _Group:
+    """Requests attended together: queries padded to [B, Q], keys gathered to [B, S]."""
+    row_index: torch.Tensor  # [T_g] flat row of each of the group's query tokens
+    pad_index: torch.Tensor  # [T_g] its position in the flattened [B * Q] padded queries
+    batch: int
+    max_q: int
+    key_slots: torch.Tensor  # [B, S] cache slot of every key position (0 where padded)
+    mask: torch.Tensor | None  # [B, 1, Q, S] bool, True = attend; None for single-token decodes
+
+
+@dataclass
+class TorchAttentionMetadata:
+    slot_mapping: torch.Tensor
+    groups: list[_Group]
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Reference backend: plain PyTorch, batched with scaled_dot_product_attention.
+
+    Decode tokens (one query per request) form one group with keys gathered per request and a
+    length mask; prompt chunks form another, padded to the longest chunk, with a causal mask offset
+    by the tokens already cached.
+    """
+
+    name = "torch"
+
+    def prepare(self, inputs: AttentionInputs) -> TorchAttentionMetadata:
+        qsl = inputs.query_start_loc
+        q_lens = [qsl[i + 1] - qsl[i] for i in range(len(inputs.seq_lens))]
+        decode = [i for i, n in enumerate(q_lens) if n == 1]
+        prefill = [i for i, n in enumerate(q_lens) if n > 1]
+        groups = [self._group(inputs, idx, q_lens) for idx in (decode, prefill) if idx]
+        return TorchAttentionMetadata(inputs.slot_mapping, groups)
+
+    @staticmethod
+    def _group(inputs: AttentionInputs, reqs: list[int], q_lens: list[int]) -> _Group:
+        bs = inputs.block_size
+        seq_lens = torch.tensor([inputs.seq_lens[i] for i in reqs])
+        lens = torch.tensor([q_lens[i] for i in reqs])
+        starts = torch.tensor([inputs.query_start_loc[i] for i in reqs])
+        batch, max_q, max_s = len(reqs), int(lens.max()), int(seq_lens.max())
+
+        # Query rows: request b's j-th new token sits at flat row starts[b] + j, padded slot b*Q + j.
+        b_of_tok = torch.repeat_interleave(torch.arange(batch), lens)
+        j_of_tok = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        row_index = starts[b_of_tok] + j_of_tok
+        pad_index = b_of_tok * max_q + j_of_tok
+
+        pos = torch.arange(max_s)
+        tables = inputs.block_tables[reqs][:, : (max_s + bs - 1) // bs]
+        key_slots = tables[:, pos // bs] * bs + pos % bs  # [B, S]
+        key_valid = pos[None, :] < seq_lens[:, None]
+        key_slots = torch.where(key_valid, key_slots, 0)
+
+        if max_q == 1:
+            mask = key_valid[:, None, None, :]
+        else:
+            # Query j of request b is at position ctx_b + j, ctx_b = tokens cached before this step.
+            # Padded query rows get position ctx_b (they see key 0 only, and their output is dropped).
+            ctx = seq_lens - lens
+            j = torch.arange(max_q)
+            q_pos = ctx[:, None] + torch.minimum(j[None, :], (lens - 1)[:, None])  # [B, Q]
+            mask = (pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Q, S]
+        return _Group(row_index, pad_index, batch, max_q, key_slots, mask)
+
+    def forward(self, q, k, v, kv_cache, metadata: TorchAttentionMetadata, scale):
+        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        out = torch.empty_like(q)
+        num_heads = q.shape[1]
+        for g in metadata.groups:
+            qg = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)
+            qg[g.pad_index] = q[g.row_index]
+            qg = qg.view(g.batch, g.max_q, num_heads, head_dim).transpose(1, 2)
+            kg = k_flat[g.key_slots].transpose(1, 2)  # [B, KVH, S, D]
+            vg = v_flat[g.key_slots].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
+                                                enable_gqa=num_heads != num_kv_heads)
+            og = og.transpose(1, 2).reshape(g.batch * g.max_q, num_heads, head_dim)
+            out[g.row_index] = og[g.pad_index]
+        return out
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchPagedAttention}
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {name!r}") from None

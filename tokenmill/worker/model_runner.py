@@ -1,0 +1,69 @@
+"""ModelRunner: SchedulerOutput -> flat input tensors -> model -> sampler -> one token per sampler.
+
+    request        A: 5 new tokens (prompt chunk)   B: 1 (decode)   C: 3 (last chunk)
+    input_ids      [a0 a1 a2 a3 a4 | b7 | c4 c5 c6]              (no padding between requests)
+    positions      [ 0  1  2  3  4 |  7 |  4  5  6]
+    query_start_loc [0, 5, 6, 9]
+    logits rows    [6, 9]  -> only B and C sample this step (A has more prompt to go)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenmill.core.scheduler import SchedulerOutput
+from tokenmill.models.layers.attention import AttentionBackend, AttentionInputs
+from tokenmill.worker.sampler import Sampler, SamplingRow
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request_id -> (sampled token, its logprobs dict or None); only requests that sampled.
+    sampled: dict[str, tuple[int, dict[int, float] | None]]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+                 backend: AttentionBackend, seed: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.backend = backend
+        self.sampler = Sampler(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        reqs = sched.scheduled
+        bs = self.block_size
+        input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
+        positions = np.concatenate([np.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
+        lens = np.array([r.num_tokens for r in reqs])
+        query_start_loc = np.concatenate([[0], np.cumsum(lens)])
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        block_tables = np.zeros((len(reqs), max_blocks), dtype=np.int64)
+        for i, r in enumerate(reqs):
+            block_tables[i, : len(r.block_ids)] = r.block_ids
+        req_of_token = np.repeat(np.arange(len(reqs)), lens)
+        slot_mapping = block_tables[req_of_token, positions // bs] * bs + positions % bs
+
+        sampling = [i for i, r in enumerate(reqs) if r.samples]
+        logits_indices = torch.from_numpy(query_start_loc[1:][sampling] - 1)
+        attn_inputs = AttentionInputs(
+            slot_mapping=torch.from_numpy(slot_mapping),
+            query_start_loc=query_start_loc.tolist(),
+            seq_lens=[r.start_pos + r.num_tokens for r in reqs],
+            block_tables=torch.from_numpy(block_tables),
+            block_size=bs,
+        )
+        metadata = self.backend.prepare(attn_inputs)
+        logits = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), self.kv_caches,
+                            metadata, logits_indices)
+        if not sampling:
+            return ModelRunnerOutput({})
+        rows = [SamplingRow(reqs[i].sampling_params, reqs[i].generator, reqs[i].prompt_token_ids,
+                            reqs[i].output_token_ids) for i in sampling]
+        out = self.sampler(logits, rows)
+        return ModelRunnerOutput({reqs[i].request_id: (tok, lp) for i, tok, lp
+                                  in zip(sampling, out.token_ids, out.logprobs)})
