@@ -29,7 +29,11 @@ from tokenmill.sampling_params import SamplingParams
 
 @dataclass
 class ScheduledRequest:
-    """One request's share of a step, as the model runner needs it (a snapshot, not the Request)."""
+    """One request's share of a step, as the model runner needs it (not the Request itself).
+
+    token_ids and block_ids are copies; prompt_token_ids and output_token_ids are the request's own
+    lists (read by the sampler for penalties before the engine appends this step's token).
+    """
     request_id: str
     token_ids: list[int]  # the tokens fed this step
     start_pos: int  # position of token_ids[0] == num_computed_tokens before the step

@@ -72,11 +72,17 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         params = self._finalize_params(sampling_params or SamplingParams(), len(token_ids))
+        child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        # NOTE: the children of an n > 1 request are named "{i}_{id}", which a user's id may be too:
+        # _detokenizers holds every child id of every live request (finished children included).
+        clash = next((c for c in child_ids if c in self._detokenizers), None)
+        if clash is not None:
+            raise ValueError(f"request_id {request_id!r} clashes with the live request id {clash!r} "
+                             f"(the samples of an n > 1 request are named '<i>_<request_id>')")
         parent = _Parent(request_id, text, token_ids)
-        for i in range(params.n):
+        for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i)
-            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             req = Request(child_id, token_ids, child_params, prompt=text, priority=priority,
                           arrival_time=arrival_time, parent_id=request_id, index=i)
             parent.children.append(req)
@@ -89,7 +95,10 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+                ids = list(ids)
             elif "prompt" in prompt:
                 text, ids = prompt["prompt"], None
             else:
@@ -106,7 +115,10 @@ class LLMEngine:
             ids = self.tokenizer.encode(text) if text else []
         if not ids:
             raise ValueError("prompt must not be empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        not_int = [t for t in ids if not isinstance(t, int)]
+        if not_int:
+            raise ValueError(f"prompt_token_ids must be integers, got {not_int[0]!r} ({type(not_int[0]).__name__})")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.config.max_model_len:
@@ -174,16 +186,17 @@ class LLMEngine:
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.sampling_params
         min_reached = req.num_output_tokens >= p.min_tokens
-        stop_str = self._detokenizers[req.request_id].add_token(token, check_stop=min_reached)
         if min_reached:
+            # A stop token (EOS or stop_token_ids) ends the request; its text is left out (as vLLM).
             if not p.ignore_eos and token in p.all_stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-            if stop_str is not None:
-                req.stop_reason = stop_str
-                return RequestStatus.FINISHED_STOPPED
+        stop_str = self._detokenizers[req.request_id].add_token(token, check_stop=min_reached)
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -42,7 +42,7 @@ class LLM:
                 self._counter += 1
                 engine.add_request(rid, prompt, params)
                 ids.append(rid)
-        except ValueError:
+        except Exception:
             engine.abort_request(ids)  # all or nothing: no half-added batch keeps running
             raise
 

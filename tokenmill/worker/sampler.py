@@ -113,7 +113,8 @@ def _truncated_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         # Top-p over what top-k kept: keep the smallest prefix whose mass reaches p (always >= 1 token).
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before >= torch.tensor(top_p)[:, None]
+        top_p_t = torch.tensor(top_p)[:, None]
+        drop |= (mass_before >= top_p_t) & (top_p_t < 1.0)  # p == 1 keeps all (no rounding cuts)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     if any(m > 0 for m in min_p):
