@@ -46,7 +46,19 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     seed: int = 0
     log_steps: bool = False
+    trace_path: str | None = None
     num_threads: int | None = None
+    # Scheduling and memory
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    sjf_aging_rate: float = 50.0  # sjf: tokens of job size forgiven per second of waiting
+    preemption_mode: str = "recompute"
+    swap_space: int = 1 << 30  # bytes of host memory for swapped-out blocks (preemption_mode="swap")
+    enable_admission_control: bool = True
+    initial_output_ratio: float = 1.0  # admission control: expected output / max_tokens before any finished
+    output_ratio_decay: float = 0.9  # weight of the old estimate when a request finishes
+    # Serving
+    max_queued_requests: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -61,6 +73,19 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if not isinstance(self.swap_space, int) or self.swap_space < 0:
+            raise ValueError(f"swap_space must be a non-negative integer (bytes), got {self.swap_space!r}")
+        if self.sjf_aging_rate < 0:
+            raise ValueError(f"sjf_aging_rate must be non-negative, got {self.sjf_aging_rate!r}")
+        if not 0.0 < self.initial_output_ratio <= 1.0:
+            raise ValueError(f"initial_output_ratio must be in (0, 1], got {self.initial_output_ratio!r}")
+        if not 0.0 <= self.output_ratio_decay < 1.0:
+            raise ValueError(f"output_ratio_decay must be in [0, 1), got {self.output_ratio_decay!r}")
+        if self.max_queued_requests is not None and (not isinstance(self.max_queued_requests, int)
+                                                     or self.max_queued_requests < 1):
+            raise ValueError(f"max_queued_requests must be a positive integer or None, got {self.max_queued_requests!r}")
         if (self.max_num_batched_tokens is not None and not self.enable_chunked_prefill
                 and self.max_model_len is not None and self.max_num_batched_tokens < self.max_model_len):
             raise ValueError(

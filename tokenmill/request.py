@@ -45,7 +45,7 @@ class RequestTimes:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  *, prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
-                 parent_id: str | None = None, index: int = 0) -> None:
+                 parent_id: str | None = None, index: int = 0, tenant: str = "default") -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -53,6 +53,7 @@ class Request:
         self.priority = priority
         self.parent_id = parent_id if parent_id is not None else request_id
         self.index = index  # which of the parent's n samples this is
+        self.tenant = tenant  # the client it came for (fair scheduling)
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []

@@ -18,9 +18,16 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_cache_queries = 0  # prompt tokens looked up (counter, tokens)
+        self.prefix_cache_hits = 0  # of those, found cached (counter, tokens)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return 0
 
     @property
     def num_free_blocks(self) -> int:

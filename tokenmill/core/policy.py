@@ -85,7 +85,7 @@ class FCFSPolicy(SchedulingPolicy):
 POLICIES: dict[str, type[SchedulingPolicy]] = {"fcfs": FCFSPolicy}
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, config=None) -> SchedulingPolicy:
     try:
         return POLICIES[name]()
     except KeyError:

@@ -103,6 +103,10 @@ class Scheduler:
         self.kv.free(request)
 
     @property
+    def num_swapped(self) -> int:
+        return 0
+
+    @property
     def num_unfinished(self) -> int:
         return len(self.running) + len(self.waiting)
 

@@ -13,7 +13,8 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.trace import StepRecord
+from tokenmill.engine.metrics import EngineStats
+from tokenmill.engine.trace import StepRecord, TraceWriter
 from tokenmill.models.layers.attention import get_attention_backend
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -54,7 +55,8 @@ class LLMEngine:
                 f"kv_cache_memory ({config.kv_cache_bytes()} bytes = {num_blocks} blocks of "
                 f"{config.block_size} tokens) cannot hold one sequence of max_model_len "
                 f"({config.max_model_len}) tokens: raise kv_cache_memory or lower max_model_len")
-        self.scheduler = Scheduler(config, KVCacheManager(num_blocks, config.block_size), make_policy("fcfs"))
+        kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, kv_manager, make_policy(config.scheduling_policy, config))
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
         self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed)
 
@@ -62,11 +64,14 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # live children by id
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._trace = TraceWriter(config.trace_path) if config.trace_path else None
 
     # ---- requests in -----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None, tenant: str = "default") -> None:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -84,7 +89,7 @@ class LLMEngine:
             child_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i)
             req = Request(child_id, token_ids, child_params, prompt=text, priority=priority,
-                          arrival_time=arrival_time, parent_id=request_id, index=i)
+                          arrival_time=arrival_time, parent_id=request_id, index=i, tenant=tenant)
             parent.children.append(req)
             self._requests[child_id] = req
             self._detokenizers[child_id] = IncrementalDetokenizer(
@@ -158,10 +163,11 @@ class LLMEngine:
             times = self._requests[s.request_id].times
             if times.first_scheduled_time is None:
                 times.first_scheduled_time = t_start
+                self._num_prompt_tokens += len(s.prompt_token_ids)
         result = self.runner.execute(sched)
         now = time.time()
         touched: dict[str, None] = {}
-        num_finished = 0
+        finished: list[str] = []
         for rid, (token, logprobs) in result.sampled.items():
             req = self._requests[rid]
             req.append_token(token)
@@ -173,15 +179,29 @@ class LLMEngine:
             status = self._check_stop(req, token)
             if status is not None:
                 self._finish(req, status, now)
-                num_finished += 1
+                finished.append(rid)
             touched[req.parent_id] = None
+        self._num_generation_tokens += len(result.sampled)
         self.num_steps += 1
-        if self.config.log_steps:
-            print(StepRecord(self.num_steps, t_start, time.time(), sched.num_prefills, sched.num_decodes,
-                             sched.num_batched_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
-                             self.scheduler.kv.num_free_blocks, len(sched.preempted_ids),
-                             num_finished).format(), file=sys.stderr, flush=True)
+        if self.config.log_steps or self._trace is not None:
+            self._record_step(sched, t_start, finished)
         return [self._make_output(pid) for pid in touched]
+
+    def _record_step(self, sched, t_start: float, finished: list[str]) -> None:
+        kv = self.scheduler.kv
+        record = StepRecord(
+            step=self.num_steps, t_start=t_start, t_end=time.time(),
+            scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens,
+                        "num_computed_tokens": s.start_pos, "phase": "prefill" if s.is_prefill else "decode"}
+                       for s in sched.scheduled],
+            preempted=list(sched.preempted_ids), finished=finished,
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_swapped=self.scheduler.num_swapped, free_blocks=kv.num_free_blocks,
+            cached_blocks=kv.num_cached_blocks)
+        if self.config.log_steps:
+            print(record.format(), file=sys.stderr, flush=True)
+        if self._trace is not None:
+            self._trace.write(record)
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.sampling_params
@@ -245,6 +265,21 @@ class LLMEngine:
     @property
     def num_total_blocks(self) -> int:
         return self.scheduler.kv.pool.num_blocks
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_swapped=self.scheduler.num_swapped, num_free_blocks=kv.num_free_blocks,
+            num_cached_blocks=kv.num_cached_blocks, kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self._num_prompt_tokens,
+            generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     def get_tokenizer(self):
         return self.tokenizer
