@@ -165,10 +165,12 @@ def test_no_chunked_prefill(request, name):
     _case(model_dir, prompts, max_tokens, ignore_eos, enable_chunked_prefill=False, **args)
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("name", MODELS)
-def test_recompute_preemption(request, name):
+def test_preemption(request, name, mode):
     """A cache only a few blocks larger than one max_model_len sequence: requests are preempted
-    (their KV dropped) and recomputed later, and the tokens must not change."""
+    (their KV dropped and recomputed later, or swapped to host memory and back), and the tokens
+    must not change. Admission control is off so that preemption really happens."""
     model_dir, prompts, max_tokens, ignore_eos = _setup(request, name)
     if name == "default_model_dir":
         max_model_len = 64
@@ -181,8 +183,33 @@ def test_recompute_preemption(request, name):
     block_size = 16
     num_blocks = max_model_len // block_size + 2
     llm, outputs = _case(model_dir, prompts, max_tokens, ignore_eos, max_model_len=max_model_len,
-                         block_size=block_size, kv_cache_memory=_kv_memory(model_dir, num_blocks, block_size))
+                         block_size=block_size, kv_cache_memory=_kv_memory(model_dir, num_blocks, block_size),
+                         preemption_mode=mode, enable_admission_control=False)
     engine = llm.llm_engine
     assert engine.num_total_blocks == num_blocks
     assert engine.scheduler.num_preemptions > 0
+    assert (engine.scheduler.num_swap_outs > 0) == (mode == "swap")
     assert sum(o.metrics.num_preemptions for o in outputs) == engine.scheduler.num_preemptions
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_prefix_cache_hit(request, name):
+    """Prompts sharing a long prefix, run twice: the second run computes only what is not cached,
+    and every output still equals transformers'."""
+    model_dir = request.getfixturevalue(name)
+    rng = random.Random(7)
+    prefix = [rng.randrange(100, 49000) for _ in range(70)]
+    prompts = [{"prompt_token_ids": prefix + [rng.randrange(100, 49000) for _ in range(n)]} for n in (3, 16, 40, 1)]
+    max_tokens = [12, 20, 8, 16]
+    llm, _ = _case(model_dir, prompts, max_tokens, True, kv_cache_memory=16 << 20)
+    stats = llm.llm_engine.stats()
+    # Within the first run the later prompts already share the prefix's 4 full blocks.
+    assert stats.prefix_cache_hits >= 3 * 64
+    params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
+    again = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, k, out in zip(prompts, max_tokens, again):
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt["prompt_token_ids"], k, True)
+    after = llm.llm_engine.stats()
+    assert after.prefix_cache_hits - stats.prefix_cache_hits >= 4 * 64
+    llm.llm_engine.check_integrity()
+    assert llm.llm_engine.num_used_blocks == 0 and after.num_cached_blocks > 0

@@ -21,11 +21,13 @@ from tokenmill.sampling_params import SamplingParams
 def make_scheduler(num_blocks: int = 8, block_size: int = 4, max_num_batched_tokens: int = 16,
                    max_num_seqs: int = 4, chunked: bool = True,
                    model_max_len: int | None = None) -> Scheduler:
+    """The bare mechanics: fcfs, recompute, no prefix caching, no admission control (tested apart)."""
     if model_max_len is None:
         # chunked prefill off: the longest sequence must fit the token budget
         model_max_len = 1024 if chunked else max_num_batched_tokens
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
-                          max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked, num_threads=1)
+                          max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked, num_threads=1,
+                          enable_admission_control=False, enable_prefix_caching=False)
     config.finalize(model_max_len)
     return Scheduler(config, KVCacheManager(num_blocks, block_size), make_policy("fcfs"))
 

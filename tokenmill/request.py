@@ -6,7 +6,8 @@ Glossary (one meaning per name, used everywhere):
                        decode step all just advance it; the request samples a new token in a step
                        that brings it up to num_tokens.
   block_ids            the request's block table (logical block i -> physical block id), owned and
-                       changed only by the KVCacheManager.
+                       changed only by the KVCacheManager (as are block_hashes,
+                       num_registered_blocks and swapped_block_ids).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tokenmill.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV copied to host memory
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -60,6 +62,9 @@ class Request:
         self.output_logprobs: list[dict[int, float]] = []
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # content hashes of its full blocks (prefix caching)
+        self.num_registered_blocks = 0  # leading blocks already entered in the prefix cache
+        self.swapped_block_ids: list[int] = []  # host blocks holding its KV while SWAPPED
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0

@@ -1,17 +1,25 @@
 """Scheduler: decides, each step, which requests run and how many of their tokens.
 
 Pure Python, no tensors. Each step has a token budget (max_num_batched_tokens) and a sequence
-budget (max_num_seqs). It is spent in two phases:
+budget (max_num_seqs), spent in phases:
 
+  0. forks: the other samples of an n > 1 request join once its leader has sampled, sharing the
+     leader's prompt blocks. Then, if the policy says so (priority), running requests of lower
+     priority are preempted for a waiting request that could not be admitted otherwise.
   1. running requests, in order: each takes what it still lacks (one token for a decode, the next
      chunk for a prompt being prefilled). If its blocks can't be allocated, the policy picks a
-     victim among the running requests not yet scheduled, which is preempted (recompute: its blocks
-     are freed and it waits again with num_computed_tokens = 0), until the allocation fits.
-  2. waiting requests, in policy order, while budget, sequences and blocks last (skipped in a step
-     that had to preempt: admitting now would only preempt again next step).
+     victim among the running requests not yet scheduled, which is preempted, until it fits.
+  2. waiting requests (new, recompute-preempted and swapped ones alike), in policy order, while
+     budget, sequences and blocks last, and (admission control) while the running requests'
+     expected future blocks still fit beside them. Skipped in a step whose phase 1 had to preempt:
+     admitting now would only preempt again next step.
 
 So decodes always come before new prompts, and a long prompt is cut to the budget left over
 (chunked prefill) instead of stalling the decodes of others.
+
+Preemption is `recompute` (free the blocks, num_computed_tokens = 0, wait again) or `swap` (copy the
+blocks to host memory, free them, wait with the same progress and copy them back when admitted
+again; recompute when the host space is full).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.kv_cache_manager import KVCacheManager, cdiv
 from tokenmill.core.policy import SchedulingPolicy
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -54,6 +62,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    # Block copies to do before the forward pass, in this order: (src, dst) pairs.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # device -> host
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # device -> device
     num_running: int = 0
     num_waiting: int = 0
     num_free_blocks: int = 0
@@ -71,8 +83,12 @@ class SchedulerOutput:
         return sum(not s.is_prefill for s in self.scheduled)
 
     @property
+    def has_block_ops(self) -> bool:
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+
+    @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.has_block_ops
 
 
 class Scheduler:
@@ -81,38 +97,74 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.chunked_prefill = config.enable_chunked_prefill
+        self.swap = config.preemption_mode == "swap"
+        self.admission_control = config.enable_admission_control
+        self.output_ratio = config.initial_output_ratio  # expected output tokens / max_tokens
+        self.output_ratio_decay = config.output_ratio_decay
         self.kv = kv_cache_manager
         self.waiting = policy
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.forks: dict[str, tuple[Request, list[Request]]] = {}  # leader id -> (leader, samples)
         self.num_preemptions = 0
+        self.num_swap_outs = 0
+        self._preempted_only_for_waiting = False
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, fork_of: Request | None = None) -> None:
+        """Queue a request; with fork_of, it is another sample of that (leader) request."""
         request.status = RequestStatus.WAITING
-        self.waiting.add(request)
+        if fork_of is not None:
+            self.forks.setdefault(fork_of.request_id, (fork_of, []))[1].append(request)
+        else:
+            self.waiting.add(request)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted): leave the queues, give back its blocks."""
         assert status.finished
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request.status == RequestStatus.WAITING:
+        elif request.status == RequestStatus.SWAPPED:
+            self.swapped.remove(request)
             self.waiting.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            if not self._remove_pending_fork(request):
+                self.waiting.remove(request)
         request.status = status
         self.kv.free(request)
+        if status != RequestStatus.FINISHED_ABORTED:
+            observed = request.num_output_tokens / request.sampling_params.max_tokens
+            self.output_ratio = (self.output_ratio_decay * self.output_ratio
+                                 + (1 - self.output_ratio_decay) * observed)
+
+    def _remove_pending_fork(self, request: Request) -> bool:
+        for leader_id, (_, samples) in self.forks.items():
+            if request in samples:
+                samples.remove(request)
+                if not samples:
+                    del self.forks[leader_id]
+                return True
+        return False
 
     @property
     def num_swapped(self) -> int:
-        return 0
+        return len(self.swapped)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting to start or resume, swapped ones not included."""
+        return len(self.waiting) - len(self.swapped) + sum(len(s) for _, s in self.forks.values())
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + sum(len(s) for _, s in self.forks.values())
 
     def live_requests(self) -> Iterable[Request]:
         yield from self.running
-        yield from self.waiting
+        yield from self.waiting  # swapped requests included
+        for _, samples in self.forks.values():
+            yield from samples
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.live_requests())
@@ -121,14 +173,46 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
-        if not out.preempted_ids:
+        self._release_forks()
+        self._preempt_for_waiting(out)
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted_ids or self._preempted_only_for_waiting:
             self._schedule_waiting(out, budget)
+        out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy = self.kv.take_pending_ops()
         out.num_running = len(self.running)
-        out.num_waiting = len(self.waiting)
+        out.num_waiting = self.num_waiting
         out.num_free_blocks = self.kv.num_free_blocks
         return out
+
+    def _release_forks(self) -> None:
+        """Samples 1..n-1 of a request start once its leader has sampled (its prompt is computed):
+        they share the leader's blocks for all but the last prompt token, which each computes
+        itself to draw its own first token."""
+        for leader_id, (leader, samples) in list(self.forks.items()):
+            if leader.num_output_tokens == 0 and not leader.is_finished:
+                continue
+            del self.forks[leader_id]
+            for sample in samples:
+                if leader.status == RequestStatus.RUNNING and len(self.running) < self.max_num_seqs:
+                    self.kv.fork(leader, sample, sample.num_prompt_tokens - 1)
+                    sample.status = RequestStatus.RUNNING
+                    self.running.append(sample)
+                else:
+                    self.waiting.add(sample)  # on its own (still sharing cached prefix blocks)
+
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        self._preempted_only_for_waiting = False
+        while len(self.waiting):
+            head = self.waiting.peek()
+            first_chunk = min(head.num_tokens - head.num_computed_tokens, self.max_num_batched_tokens)
+            if len(self.running) < self.max_num_seqs and \
+                    self.kv.num_new_blocks(head, first_chunk) <= self.kv.num_free_blocks:
+                break
+            victim = self.waiting.preempt_for(head, self.running)
+            if victim is None:
+                break
+            self._preempt(victim, out)
+            self._preempted_only_for_waiting = True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
@@ -138,6 +222,7 @@ class Scheduler:
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.waiting.choose_victim(self.running[i:])
                 self._preempt(victim, out)
+                self._preempted_only_for_waiting = False
                 if victim is req:
                     break
             else:
@@ -147,19 +232,48 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        reserved = self._expected_future_blocks() if self.admission_control else 0
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
-            num_new = req.num_tokens - req.num_computed_tokens
+            swapped = req.status == RequestStatus.SWAPPED
+            cached = [] if swapped else self.kv.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = req.num_tokens - req.num_computed_tokens - num_cached
             if num_new > budget and not self.chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.kv.allocate_slots(req, num_new):
-                break
+            if self.admission_control and self.running:
+                # Admit only if what the running requests are expected to still need, plus this
+                # request's own expected size, fits in the blocks that are free now.
+                need = (cdiv(self._expected_total_tokens(req), self.kv.block_size) - len(cached)
+                        + self.kv.pool.count_revivals(cached))
+                if reserved + need > self.kv.num_free_blocks:
+                    break
+            if swapped:
+                if not self.kv.swap_in(req, num_new):
+                    break
+                self.swapped.remove(req)
+            else:
+                if not self.kv.allocate_slots(req, num_new, cached):
+                    break
+                self.kv.record_prefix_lookup(req.num_tokens, num_cached)
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if self.admission_control:
+                reserved += self._future_blocks(req)
             self._take(req, num_new, out)
             budget -= num_new
+
+    def _expected_total_tokens(self, req: Request) -> int:
+        expected_output = round(self.output_ratio * req.sampling_params.max_tokens)
+        return max(req.num_tokens, req.num_prompt_tokens + expected_output)
+
+    def _future_blocks(self, req: Request) -> int:
+        return max(0, cdiv(self._expected_total_tokens(req), self.kv.block_size) - len(req.block_ids))
+
+    def _expected_future_blocks(self) -> int:
+        return sum(self._future_blocks(r) for r in self.running)
 
     def _take(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
@@ -178,12 +292,18 @@ class Scheduler:
         ))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        # Recompute preemption: drop the KV, keep the tokens; they are computed again on resume.
         self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
+        out.preempted_ids.append(req.request_id)
+        if self.swap and self.kv.swap_out(req):
+            req.status = RequestStatus.SWAPPED
+            self.swapped.append(req)
+            self.num_swap_outs += 1
+            self.waiting.add_preempted(req)
+            return
+        # Recompute: drop the KV, keep the tokens; they are computed again on resume.
+        self.kv.free(req)
+        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.add_preempted(req)
-        out.preempted_ids.append(req.request_id)

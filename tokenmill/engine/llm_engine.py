@@ -55,10 +55,14 @@ class LLMEngine:
                 f"kv_cache_memory ({config.kv_cache_bytes()} bytes = {num_blocks} blocks of "
                 f"{config.block_size} tokens) cannot hold one sequence of max_model_len "
                 f"({config.max_model_len}) tokens: raise kv_cache_memory or lower max_model_len")
-        kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+        num_host_blocks = config.swap_space // bytes_per_block if config.preemption_mode == "swap" else 0
+        kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config, kv_manager, make_policy(config.scheduling_policy, config))
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
-        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed)
+        host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
+            if num_host_blocks else []
+        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches)
 
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}  # live children by id
@@ -94,7 +98,8 @@ class LLMEngine:
             self._requests[child_id] = req
             self._detokenizers[child_id] = IncrementalDetokenizer(
                 self.tokenizer, token_ids, child_params.skip_special_tokens, child_params.stop)
-            self.scheduler.add_request(req)
+            # Samples after the first fork from it once its prompt is computed (shared blocks).
+            self.scheduler.add_request(req, fork_of=parent.children[0] if i else None)
         self._parents[request_id] = parent
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

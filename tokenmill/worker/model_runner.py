@@ -26,16 +26,33 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 backend: AttentionBackend, seed: int) -> None:
+                 backend: AttentionBackend, seed: int, host_caches: list[torch.Tensor] = ()) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.host_caches = list(host_caches)  # swap space: same layout, in host memory
         self.block_size = block_size
         self.backend = backend
         self.sampler = Sampler(seed)
 
+    def _copy_blocks(self, sched: SchedulerOutput) -> None:
+        # Order matters: a block swapped out may be reused in the same step as a swap-in or copy target.
+        for pairs, src_caches, dst_caches in ((sched.blocks_to_swap_out, self.kv_caches, self.host_caches),
+                                              (sched.blocks_to_swap_in, self.host_caches, self.kv_caches),
+                                              (sched.blocks_to_copy, self.kv_caches, self.kv_caches)):
+            if not pairs:
+                continue
+            src = torch.tensor([p[0] for p in pairs])
+            dst = torch.tensor([p[1] for p in pairs])
+            for s_cache, d_cache in zip(src_caches, dst_caches):
+                d_cache[:, dst] = s_cache[:, src]
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if sched.has_block_ops:
+            self._copy_blocks(sched)
         reqs = sched.scheduled
+        if not reqs:
+            return ModelRunnerOutput({})
         bs = self.block_size
         input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
         positions = np.concatenate([np.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
