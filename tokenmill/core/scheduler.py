@@ -10,9 +10,15 @@ budget (max_num_seqs), spent in phases:
      chunk for a prompt being prefilled). If its blocks can't be allocated, the policy picks a
      victim among the running requests not yet scheduled, which is preempted, until it fits.
   2. waiting requests (new, recompute-preempted and swapped ones alike), in policy order, while
-     budget, sequences and blocks last, and (admission control) while the running requests'
-     expected future blocks still fit beside them. Skipped in a step whose phase 1 had to preempt:
-     admitting now would only preempt again next step.
+     budget, sequences and blocks last, and (admission control) while the expected peak of blocks
+     of the running requests plus the new one fits the cache. Skipped in a step whose phase 1 had
+     to preempt: admitting now would only preempt again next step.
+
+Admission control (as SGLang's): request i will hold a_i tokens once its known tokens are computed
+and grow by one per step for its o_i expected remaining output tokens (o_i = max_tokens * the
+output ratio learned from finished requests, less what it has made). Requests end in order of o;
+just before the k-th (by o) ends, those still running hold sum_{o_i >= o_k} (a_i + o_k) tokens.
+The largest of these peaks must fit, or admitting now means preempting later.
 
 So decodes always come before new prompts, and a long prompt is cut to the budget left over
 (chunked prefill) instead of stalling the decodes of others.
@@ -232,7 +238,6 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        reserved = self._expected_future_blocks() if self.admission_control else 0
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
             swapped = req.status == RequestStatus.SWAPPED
@@ -242,13 +247,8 @@ class Scheduler:
             if num_new > budget and not self.chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if self.admission_control and self.running:
-                # Admit only if what the running requests are expected to still need, plus this
-                # request's own expected size, fits in the blocks that are free now.
-                need = (cdiv(self._expected_total_tokens(req), self.kv.block_size) - len(cached)
-                        + self.kv.pool.count_revivals(cached))
-                if reserved + need > self.kv.num_free_blocks:
-                    break
+            if self.admission_control and self.running and not self._peak_fits(req):
+                break
             if swapped:
                 if not self.kv.swap_in(req, num_new):
                     break
@@ -260,20 +260,27 @@ class Scheduler:
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            if self.admission_control:
-                reserved += self._future_blocks(req)
             self._take(req, num_new, out)
             budget -= num_new
 
-    def _expected_total_tokens(self, req: Request) -> int:
+    def _expected_remaining_output(self, req: Request) -> int:
         expected_output = round(self.output_ratio * req.sampling_params.max_tokens)
-        return max(req.num_tokens, req.num_prompt_tokens + expected_output)
+        return max(0, expected_output - req.num_output_tokens)
 
-    def _future_blocks(self, req: Request) -> int:
-        return max(0, cdiv(self._expected_total_tokens(req), self.kv.block_size) - len(req.block_ids))
-
-    def _expected_future_blocks(self) -> int:
-        return sum(self._future_blocks(r) for r in self.running)
+    def _peak_fits(self, candidate: Request) -> bool:
+        """Would the expected peak of KV blocks still fit if `candidate` joined the running set?"""
+        bs = self.kv.block_size
+        items = sorted(((r.num_tokens, self._expected_remaining_output(r)) for r in [*self.running, candidate]),
+                       key=lambda item: item[1])
+        capacity = self.kv.num_free_blocks + sum(len(r.block_ids) for r in self.running)
+        suffix_tokens = 0
+        for k in range(len(items) - 1, -1, -1):
+            suffix_tokens += items[k][0]
+            alive = len(items) - k
+            # NOTE: + alive: each live request may waste up to one partly filled block.
+            if (suffix_tokens + alive * items[k][1]) / bs + alive > capacity:
+                return False
+        return True
 
     def _take(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
