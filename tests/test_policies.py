@@ -219,3 +219,15 @@ def test_engine_sjf_on_the_real_engine(tiny_llama_dir):
         done += [o.request_id for o in engine.step() if o.finished]
     assert done == ["short", "long"]
     engine.check_integrity()
+
+
+def test_generate_passes_priorities(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=16 << 20, max_num_seqs=1,
+              scheduling_policy="priority", enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(100 + 10 * i, 110 + 10 * i))} for i in range(3)]
+    outs = llm.generate(prompts, params, use_tqdm=False, priority=[2, 0, 1])
+    order = sorted(range(3), key=lambda i: outs[i].metrics.first_scheduled_time)
+    assert order == [1, 2, 0]
+    with pytest.raises(ValueError, match="priority"):
+        llm.generate(prompts, params, use_tqdm=False, priority=[0])

@@ -44,6 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     kv_cache_memory: int | None = None
+    num_kv_blocks: int | None = None  # the KV cache size in blocks; overrides kv_cache_memory
     seed: int = 0
     log_steps: bool = False
     trace_path: str | None = None
@@ -69,7 +70,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_threads"):
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "num_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

@@ -49,13 +49,13 @@ class LLMEngine:
         dtype = config.torch_dtype
         backend = get_attention_backend("torch")
         model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len)
-        num_blocks = config.kv_cache_bytes() // kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+        bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or config.kv_cache_bytes() // bytes_per_block
         if num_blocks * config.block_size < config.max_model_len:
             raise ValueError(
-                f"kv_cache_memory ({config.kv_cache_bytes()} bytes = {num_blocks} blocks of "
-                f"{config.block_size} tokens) cannot hold one sequence of max_model_len "
-                f"({config.max_model_len}) tokens: raise kv_cache_memory or lower max_model_len")
-        bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+                f"the KV cache ({num_blocks} blocks of {config.block_size} tokens) cannot hold one "
+                f"sequence of max_model_len ({config.max_model_len}) tokens: raise kv_cache_memory "
+                f"(or num_kv_blocks) or lower max_model_len")
         num_host_blocks = config.swap_space // bytes_per_block if config.preemption_mode == "swap" else 0
         kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(config, kv_manager, make_policy(config.scheduling_policy, config))
