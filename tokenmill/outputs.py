@@ -29,6 +29,8 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    # Tokens of the longest sample so far; filled by RequestOutput from its outputs.
+    num_generation_tokens: int = 0
 
     @property
     def queue_time(self) -> float | None:
@@ -42,6 +44,13 @@ class RequestMetrics:
     def e2e_latency(self) -> float | None:
         return None if self.finished_time is None else self.finished_time - self.arrival_time
 
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean inter-token latency after the first token (vLLM's TPOT); None below two tokens."""
+        if self.first_token_time is None or self.last_token_time is None or self.num_generation_tokens < 2:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_generation_tokens - 1)
+
 
 @dataclass
 class RequestOutput:
@@ -51,3 +60,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            self.metrics.num_generation_tokens = max((len(o.token_ids) for o in self.outputs), default=0)

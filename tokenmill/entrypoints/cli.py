@@ -1,4 +1,4 @@
-"""Command line: `tokenmill generate ...`."""
+"""Command line: `tokenmill generate | serve | bench serve | bench calibrate | trace | simulate ...`."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +20,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-steps", action="store_true", help="print one line per engine step to stderr")
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
+    g.add_argument("--trace", dest="trace_path", default=None, metavar="PATH",
+                   help="write one JSON line per engine step to PATH (see `tokenmill trace`)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps")
+             "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps", "trace_path", "num_threads")
     return {n: getattr(args, n) for n in names}
 
 
@@ -89,6 +92,204 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tokenmill.entrypoints.openai.server import run_server
+
+    kwargs = engine_kwargs(args)
+    kwargs["max_queued_requests"] = args.max_queued_requests
+    kwargs.setdefault("scheduling_policy", args.scheduling_policy)
+    run_server(kwargs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY"),
+               served_model_name=args.served_model_name, log_level=args.uvicorn_log_level)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from tokenmill.benchmarks.serve import main as bench_serve_main
+
+    return bench_serve_main(args)
+
+
+def add_serve_parsers(sub) -> None:
+    """`tokenmill serve` (the OpenAI-compatible server) and `tokenmill bench serve` (its load client)."""
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TOKENMILL_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
+    serve.add_argument("--max-queued-requests", type=int, default=None,
+                       help="answer 503 while this many requests wait to be scheduled")
+    serve.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_engine_args(serve)
+    if "--scheduling-policy" not in serve._option_string_actions:  # unless the engine args have it
+        serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs | priority | sjf | fair")
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bs = bench_sub.add_parser("serve", help="online serving benchmark against an OpenAI-compatible server "
+                                            "(the figures of vLLM's bench serve)")
+    bs.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    bs.add_argument("--workload", required=True, help="JSONL: prompt_token_ids (or prompt) and max_tokens per line")
+    bs.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s, Poisson (default: inf)")
+    bs.add_argument("--max-concurrency", type=int, default=None)
+    bs.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival times (1 = Poisson)")
+    bs.add_argument("--model", default=None, help="model id to send (default: the server's first /v1/models)")
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--num-prompts", type=int, default=None, help="use only the first N workload lines")
+    bs.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    bs.add_argument("--skip-initial-test", action="store_true", help="don't send one test request first")
+    bs.add_argument("--disable-tqdm", action="store_true")
+    bs.add_argument("--result-file", default=None, help="also write the figures as JSON")
+    bs.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_trace_show(args: argparse.Namespace) -> int:
+    from tokenmill.engine.timeline import format_steps, format_summary
+    from tokenmill.engine.trace import read_trace
+
+    records = read_trace(args.path)
+    if not records:
+        print(f"{args.path}: no steps", file=sys.stderr)
+        return 1
+    if not args.summary_only:
+        print("\n".join(format_steps(records, width=args.width)))
+        print()
+    print(format_summary(records))
+    return 0
+
+
+def cmd_trace_plot(args: argparse.Namespace) -> int:
+    from tokenmill.engine.timeline import arrivals_path, plot_timeline, read_arrivals
+    from tokenmill.engine.trace import read_trace
+
+    arrivals = read_arrivals(args.path)
+    if arrivals is not None:
+        print(f"arrival times from {arrivals_path(args.path)}")
+    plot_timeline(read_trace(args.path), args.output, title=args.title, arrivals=arrivals,
+                  max_lanes=args.max_lanes)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tokenmill.config import EngineConfig
+    from tokenmill.core.policy import POLICIES
+    from tokenmill.sim.simulator import (DEFAULT_COST_MODEL, CostModel, format_comparison, format_result,
+                                         load_workload, make_arrivals, simulate)
+
+    policies = list(POLICIES) if args.policy == "all" else args.policy.split(",")
+    records = load_workload(args.workload)
+    cost = CostModel.load(args.cost_model) if args.cost_model else DEFAULT_COST_MODEL
+    arrivals = make_arrivals(records, args.num_requests, args.arrival_rate, args.seed)
+    print(f"{len(arrivals)} requests from {args.workload} ({len(records)} records) at {args.arrival_rate} req/s "
+          f"(seed {args.seed}) | {args.kv_blocks} KV blocks x {args.block_size} tokens | "
+          f"cost model a={cost.a:.4g} s, b={cost.b:.4g} s/token, c={cost.c:.4g} s/context token")
+    results = []
+    for policy in policies:
+        config = EngineConfig(
+            scheduling_policy=policy, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+            enable_admission_control=args.enable_admission_control, preemption_mode=args.preemption_mode,
+            num_threads=1)
+        trace_path = None
+        if args.trace:
+            trace_path = args.trace if len(policies) == 1 else args.trace.replace(".jsonl", "") + f".{policy}.jsonl"
+        result = simulate(arrivals, config, args.kv_blocks, cost, num_host_blocks=args.swap_blocks,
+                          trace_path=trace_path)
+        results.append(result)
+        print()
+        print(format_result(result))
+        # NOTE: wall times go to stderr: stdout is the same for the same seed, byte for byte.
+        print(f"[{policy}: {result.wall_time:.2f} s wall, {result.schedule_time:.2f} s of it in Scheduler.schedule()]",
+              file=sys.stderr)
+    if len(results) > 1:
+        print()
+        print(format_comparison(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.summary() for r in results], f, indent=1)
+    return 0
+
+
+def cmd_bench_calibrate(args: argparse.Namespace) -> int:
+    from tokenmill.sim.calibrate import fit_cost_model, run_calibration
+
+    records = run_calibration(engine_kwargs(args), seed=args.seed)
+    cost, info = fit_cost_model(records)
+    print(f"fitted on {info['steps']} steps (mean {info['mean_step_s'] * 1e3:.1f} ms): "
+          f"a={cost.a:.6g} s, b={cost.b:.6g} s/token, c={cost.c:.6g} s/context token | "
+          f"R^2 {info['r2']:.3f}, RMSE {info['rmse_s'] * 1e3:.1f} ms")
+    if min(cost.a, cost.b, cost.c) < 0:
+        print("warning: a negative coefficient: the steps do not follow a + b*tokens + c*context well "
+              "(a busy machine?)", file=sys.stderr)
+    if args.out:
+        cost.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _subcommand_group(sub, name: str, help: str):
+    """The sub-subcommands of `tokenmill NAME` (e.g. bench), made here unless another part made them."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def add_trace_sim_parsers(sub) -> None:
+    """`tokenmill trace show|plot`, `tokenmill simulate` and `tokenmill bench calibrate`."""
+    trace = sub.add_parser("trace", help="read a step trace (written with --trace PATH)")
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True)
+    show = trace_sub.add_parser("show", help="print each step's batch as a bar, and a summary")
+    show.add_argument("path")
+    show.add_argument("--width", type=int, default=40, help="longest bar, in characters (bars scale down to fit)")
+    show.add_argument("--summary-only", action="store_true")
+    show.set_defaults(func=cmd_trace_show)
+    plot = trace_sub.add_parser("plot", help="draw a timeline PNG: batch size over time, one lane per request")
+    plot.add_argument("path")
+    plot.add_argument("-o", "--output", default="timeline.png")
+    plot.add_argument("--title", default=None)
+    plot.add_argument("--max-lanes", type=int, default=200, help="draw every k-th request past this many")
+    plot.set_defaults(func=cmd_trace_plot)
+
+    sim = sub.add_parser("simulate", help="replay a workload through the real scheduler with a step-time cost model")
+    sim.add_argument("--workload", required=True,
+                     help="JSONL: prompt_token_ids, max_tokens and optional priority (int), tenant (str) per line")
+    sim.add_argument("--policy", default="fcfs",
+                     help="a scheduling policy, several separated by commas, or 'all' (compared side by side)")
+    sim.add_argument("--arrival-rate", type=float, required=True, help="requests/s, Poisson ('inf': all at t=0)")
+    sim.add_argument("--num-requests", type=int, default=None,
+                     help="default: one per workload line; more replays the workload in seeded shuffles")
+    sim.add_argument("--seed", type=int, default=0, help="seeds the arrival times and the replay order")
+    sim.add_argument("--kv-blocks", type=int, default=4096, help="KV cache size in blocks (default 4096)")
+    sim.add_argument("--block-size", type=int, default=16)
+    sim.add_argument("--max-num-seqs", type=int, default=256)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 2048")
+    sim.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload request")
+    sim.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    sim.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    sim.add_argument("--no-admission-control", dest="enable_admission_control", action="store_false")
+    sim.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    sim.add_argument("--swap-blocks", type=int, default=0, help="host blocks for --preemption-mode swap")
+    sim.add_argument("--cost-model", default=None,
+                     help="JSON {a, b, c} from `tokenmill bench calibrate` (default: built in, fitted on this machine)")
+    sim.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    sim.add_argument("--trace", default=None, metavar="PATH",
+                     help="write the step trace (virtual seconds) for `tokenmill trace`; "
+                          "PATH.<policy>.jsonl when several policies run")
+    sim.set_defaults(func=cmd_simulate)
+
+    bench_sub = _subcommand_group(sub, "bench", "benchmarks")
+    cal = bench_sub.add_parser("calibrate", help="fit the simulator's cost model to this machine's engine step times")
+    cal.add_argument("--out", default=None, help="write the cost model JSON here (e.g. cost_model.json)")
+    add_engine_args(cal)
+    cal.set_defaults(func=cmd_bench_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="print only the summary line")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    add_serve_parsers(sub)
+    add_trace_sim_parsers(sub)
     return parser
 
 

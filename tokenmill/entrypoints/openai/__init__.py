@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: protocol.py (request/response models), server.py (the app)."""

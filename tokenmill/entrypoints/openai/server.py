@@ -1,0 +1,629 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLLMEngine.
+
+Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad input
+(naming the field), 401 for a bad key, 404 for an unknown model, 503 when the waiting queue is
+full. Prompts are tokenized here (a private copy of the tokenizer: the engine thread decodes with
+its own), so the server knows prompt lengths for usage, echo and the max_tokens check.
+
+Streaming: the engine's outputs are cumulative; each choice keeps how much text and how many
+tokens it has sent and emits the difference. While a stop string could still complete, the last
+len(longest stop) - 1 characters are held back, because a completed stop string cuts the text
+where it starts (as vLLM does).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
+from tokenmill.engine.metrics import PrometheusMetrics
+from tokenmill.entrypoints.openai.protocol import (
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
+    ChatLogProbs, ChatLogProbsContent, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice,
+    CompletionLogProbs, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest,
+    DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+    UsageInfo)
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill.server")
+
+_MAX_N = 128
+_MAX_LOGPROBS = 20
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "server_error"),
+                                         param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)} | {"prompt", "prompt_token_ids"}
+
+
+def _param_of(message: str, rename: dict[str, str]) -> str | None:
+    """The request field a ValueError from SamplingParams / LLMEngine names (its first word)."""
+    first = message.split(" ", 1)[0]
+    return rename.get(first, first) if first in _PARAM_NAMES else None
+
+
+def _hold_back(stop: str | list[str] | None) -> int:
+    """Characters a stream holds back while a stop string could still complete and cut them."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    return max((len(s) for s in stops), default=1) - 1
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class _ChoiceState:
+    """What one streamed choice has sent so far."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # echo: the prompt text, sent with the first delta
+        self.num_chars = 0
+        self.num_tokens = 0
+        self.done = False
+
+    def advance(self, c: CompletionOutput, hold_back: int) -> tuple[str, list[int]] | None:
+        """The new text and token ids of c since the last call; None if nothing is to be sent."""
+        if self.done:
+            return None
+        end = len(c.text) if c.finish_reason is not None else max(self.num_chars, len(c.text) - hold_back)
+        text, self.num_chars = c.text[self.num_chars:end], end
+        tokens, self.num_tokens = c.token_ids[self.num_tokens:], len(c.token_ids)
+        if self.prefix:
+            text, self.prefix = self.prefix + text, ""
+        self.done = c.finish_reason is not None
+        if not text and not tokens and not self.done:
+            return None
+        return text, tokens
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetrics | None = None,
+                 api_key: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.api_key = api_key
+        llm_engine = engine.engine
+        # NOTE: a private copy: Rust tokenizers must not be used from two threads at once.
+        self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
+        self.max_model_len = llm_engine.config.max_model_len
+        self.vocab_size = llm_engine.vocab_size
+        self._token_text: dict[int, str] = {}
+
+    # ---- shared helpers -----------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`)",
+                           param="model", code="model_not_found")
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        rendered = []
+        for i, m in enumerate(messages):
+            msg = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                parts = []
+                for j, part in enumerate(m.content):
+                    if part.type != "text" or part.text is None:
+                        raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
+                                       param=f"messages.{i}.content.{j}.type")
+                    parts.append(part.text)
+                msg["content"] = "\n".join(parts)
+            rendered.append(msg)
+        try:
+            text = self.tokenizer.apply_chat_template(rendered, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja TemplateError (e.g. raise_exception in the template), ValueError
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        # The template holds the special tokens (BOS etc.): don't add them twice.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, prompt_param: str, max_tokens_param: str) -> None:
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param=prompt_param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                                f"prompt is {len(ids)} tokens long (the prompt plus at least one generated "
+                                f"token must fit)", param=prompt_param)
+        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                                f"{max_tokens} for the completion). Reduce the prompt or {max_tokens_param}.",
+                           param=max_tokens_param)
+
+    def sampling_params(self, body, *, max_tokens: int | None, logprobs: int | None,
+                        names: dict[str, str]) -> SamplingParams:
+        if body.n > _MAX_N:
+            raise APIError(400, f"n must be at most {_MAX_N}, got {body.n}", param="n")
+        if logprobs is not None and logprobs > _MAX_LOGPROBS:
+            raise APIError(400, f"{names.get('logprobs', 'logprobs')} must be at most {_MAX_LOGPROBS}, "
+                                f"got {logprobs}", param=names.get("logprobs", "logprobs"))
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        try:
+            return SamplingParams(
+                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop,
+                stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, max_tokens=max_tokens,
+                min_tokens=body.min_tokens, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+        except ValueError as e:
+            param = _param_of(str(e), names)
+            message = str(e)
+            if param is not None and not message.startswith(param):  # name the field the client sent
+                message = param + message[message.index(" "):]
+            raise APIError(400, message, param=param) from None
+
+    async def add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, body,
+                           arrival_time: float, prompt_param: str) -> list[RequestStream]:
+        """Queue one engine request per prompt; all or nothing."""
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                streams.append(await self.engine.add_request(
+                    rid, {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, priority=body.priority,
+                    tenant=body.user or "default", arrival_time=arrival_time))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            if isinstance(e, ValueError):
+                names = {"prompt": prompt_param, "prompt_token_ids": prompt_param}
+                raise APIError(400, str(e), param=_param_of(str(e), names)) from None
+            if isinstance(e, QueueFullError):
+                raise APIError(503, str(e), code="queue_full") from None
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, str(e), code="engine_dead") from None
+            raise
+        return streams
+
+    def usage(self, prompts: list[_Prompt], finals: list[RequestOutput]) -> UsageInfo:
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        completion_tokens = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+
+    async def create_completion(self, body: CompletionRequest, raw: Request) -> Response:
+        arrival_time = time.time()
+        self.check_model(body.model)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, f"best_of must equal n (only n samples are generated), got best_of="
+                                f"{body.best_of}, n={body.n}", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (it needs prompt logprobs)", param="echo")
+        prompts = []
+        for p in body.prompt:
+            prompt = _Prompt(p, self.tokenizer.encode(p) if p else []) if isinstance(p, str) else _Prompt(None, p)
+            self.check_prompt(prompt.token_ids, body.max_tokens, "prompt", "max_tokens")
+            prompts.append(prompt)
+        params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names={})
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self.add_requests(request_id, prompts, params, body, arrival_time, "prompt")
+        echo_texts = [self._prompt_text(p) if body.echo else "" for p in prompts]
+        if body.stream:
+            return _EventStream(self._completion_stream(request_id, body, prompts, streams, echo_texts), streams)
+        finals = await _collect(streams, raw)
+        if finals is None:
+            return Response(status_code=499)  # the client left; its requests were aborted
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                choices.append(CompletionChoice(
+                    index=i * body.n + c.index, text=echo_texts[i] + c.text, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    logprobs=self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
+                    if body.logprobs is not None else None))
+        return JSONResponse(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                               usage=self.usage(prompts, finals)).model_dump())
+
+    def _prompt_text(self, p: _Prompt) -> str:
+        return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                             offset: int) -> CompletionLogProbs:
+        out = CompletionLogProbs()
+        for tok, lp in zip(token_ids, logprobs or []):
+            text = self.token_text(tok)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.get(tok))
+            out.top_logprobs.append({self.token_text(t): v for t, v in sorted(lp.items(), key=lambda kv: -kv[1])})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    async def _completion_stream(self, request_id: str, body: CompletionRequest, prompts: list[_Prompt],
+                                 streams: list[RequestStream], echo_texts: list[str]) -> AsyncIterator[str]:
+        created = int(time.time())
+        hold_back = _hold_back(body.stop)
+        states = [[_ChoiceState(echo_texts[i]) for _ in range(body.n)] for i in range(len(prompts))]
+        offsets = [[0] * body.n for _ in prompts]
+        finals: list[RequestOutput | None] = [None] * len(prompts)
+        usage_opts = body.stream_options
+        try:
+            async for i, out in _merge(streams):
+                finals[i] = out
+                choices = []
+                for c in out.outputs:
+                    delta = states[i][c.index].advance(c, hold_back)
+                    if delta is None:
+                        continue
+                    text, tokens = delta
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = self._completion_logprobs(tokens, c.logprobs[len(c.logprobs) - len(tokens):],
+                                                             offsets[i][c.index])
+                        offsets[i][c.index] += sum(len(t) for t in logprobs.tokens)
+                    choices.append(CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
+                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                if choices:
+                    chunk = CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                               choices=choices)
+                    if usage_opts and usage_opts.include_usage and usage_opts.continuous_usage_stats:
+                        chunk.usage = self.usage(prompts, finals)
+                    yield f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
+            if usage_opts and usage_opts.include_usage:
+                chunk = CompletionResponse(id=request_id, created=created, model=self.model_name, choices=[],
+                                           usage=self.usage(prompts, finals))
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+        except EngineDeadError as e:
+            yield f"data: {json.dumps(_error_body(503, str(e)))}\n\n"
+        finally:
+            for s in streams:
+                s.abort()
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+
+    async def create_chat_completion(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        arrival_time = time.time()
+        self.check_model(body.model)
+        if body.tools or body.functions:
+            raise APIError(400, "tools / function calling is not supported",
+                           param="tools" if body.tools else "functions")
+        if body.tool_choice not in (None, "none"):
+            raise APIError(400, "tool_choice is not supported", param="tool_choice")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        ids = self.render_chat(body.messages, body.add_generation_prompt)
+        prompt = _Prompt(None, ids)
+        self.check_prompt(ids, max_tokens, "messages", max_tokens_param)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
+        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, names=names)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self.add_requests(request_id, [prompt], params, body, arrival_time, "messages")
+        top_n = body.top_logprobs or 0
+        if body.stream:
+            return _EventStream(self._chat_stream(request_id, body, prompt, streams[0], top_n), streams)
+        finals = await _collect(streams, raw)
+        if finals is None:
+            return Response(status_code=499)
+        out = finals[0]
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                              logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None)
+                   for c in out.outputs]
+        return JSONResponse(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                                   usage=self.usage([prompt], finals)).model_dump())
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                       top_n: int) -> ChatLogProbs:
+        content = []
+        for tok, lp in zip(token_ids, logprobs or []):
+            text = self.token_text(tok)
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[:top_n]
+            content.append(ChatLogProbsContent(
+                token=text, logprob=lp[tok], bytes=list(text.encode()),
+                top_logprobs=[ChatLogProb(token=self.token_text(t), logprob=v, bytes=list(self.token_text(t).encode()))
+                              for t, v in top]))
+        return ChatLogProbs(content=content)
+
+    async def _chat_stream(self, request_id: str, body: ChatCompletionRequest, prompt: _Prompt,
+                           stream: RequestStream, top_n: int) -> AsyncIterator[str]:
+        created = int(time.time())
+        hold_back = _hold_back(body.stop)
+        states = [_ChoiceState() for _ in range(body.n)]
+        usage_opts = body.stream_options
+        final: RequestOutput | None = None
+
+        def chunk(choices, usage: UsageInfo | None = None) -> str:
+            resp = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk", created=created,
+                                                model=self.model_name, choices=choices,
+                                                **({"usage": usage} if usage else {}))
+            return f"data: {resp.model_dump_json(exclude_unset=True)}\n\n"
+
+        try:
+            # The first delta of each choice carries the role (as OpenAI's and vLLM's).
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
+                                          finish_reason=None) for i in range(body.n)])
+            async for out in stream:
+                final = out
+                choices = []
+                for c in out.outputs:
+                    delta = states[c.index].advance(c, hold_back)
+                    if delta is None:
+                        continue
+                    text, tokens = delta
+                    choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text),
+                                              finish_reason=c.finish_reason)
+                    if c.finish_reason is not None:
+                        choice.stop_reason = c.stop_reason
+                    if body.logprobs:
+                        choice.logprobs = self._chat_logprobs(tokens, c.logprobs[len(c.logprobs) - len(tokens):],
+                                                              top_n)
+                    choices.append(choice)
+                if choices:
+                    usage = None
+                    if usage_opts and usage_opts.include_usage and usage_opts.continuous_usage_stats:
+                        usage = self.usage([prompt], [final])
+                    yield chunk(choices, usage)
+            if usage_opts and usage_opts.include_usage:
+                yield chunk([], self.usage([prompt], [final]))
+            yield "data: [DONE]\n\n"
+        except EngineDeadError as e:
+            yield f"data: {json.dumps(_error_body(503, str(e)))}\n\n"
+        finally:
+            stream.abort()
+
+    # ---- tokenizer endpoints --------------------------------------------------------------------
+
+    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = self.render_chat(body.messages, body.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens contains {bad[0]}, outside the vocabulary [0, {self.vocab_size})",
+                           param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+
+# ---- streams ----------------------------------------------------------------------------------------
+
+def _error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": None,
+                      "code": None}}
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends (done, disconnect,
+    cancelled before the body generator ever ran)."""
+
+    def __init__(self, gen: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:
+                s.abort()
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several streams as they come."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _collect(streams: list[RequestStream], raw: Request) -> list[RequestOutput] | None:
+    """The final output of each stream; None (with every stream aborted) if the client disconnects."""
+    async def last(stream: RequestStream) -> RequestOutput:
+        out = None
+        async for out in stream:
+            pass
+        return out
+
+    try:
+        return await _unless_disconnected(asyncio.gather(*(last(s) for s in streams)), raw)
+    except EngineDeadError as e:
+        raise APIError(503, str(e), code="engine_dead") from None
+    finally:
+        for s in streams:
+            s.abort()
+
+
+async def _unless_disconnected(aw: Awaitable, raw: Request):
+    """The result of aw, or None (aw cancelled) if the client disconnects first."""
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    return None
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+
+def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetrics | None = None,
+              api_key: str | None = None) -> FastAPI:
+    server = OpenAIServer(engine, model_name, metrics, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan)
+    app.state.server = server
+
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in err.get("loc", ())[1:] if not _is_union_tag(p)]
+        if err.get("type") == "json_invalid":
+            reason = err.get("ctx", {}).get("error", err["msg"])
+            return error_response(400, f"The request body is not valid JSON: {reason}")
+        if err.get("type") == "missing" and not loc:
+            return error_response(400, "The request needs a JSON object body")
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        return error_response(400, f"{param}: {msg}" if param and not msg.startswith(param) else msg, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        logger.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+    auth = [Depends(check_api_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return error_response(503, f"the engine is not running ({engine.error or 'stopped'})")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render() if metrics else b"", media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, root=str(engine.engine.config.model or model_name),
+                                         max_model_len=server.max_model_len)])
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await server.create_completion(body, raw)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await server.create_chat_completion(body, raw)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return server.tokenize(body)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return server.detokenize(body)
+
+    return app
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic's loc entries naming a union member ('list[int]', 'function-after[...]'), not a field."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
+def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               served_model_name: str | None = None, log_level: str = "info") -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    engine = AsyncLLMEngine.from_engine_args(**engine_kwargs)
+    model_name = served_model_name or engine_kwargs.get("model") or "SmolLM2-135M-Instruct"
+    metrics = PrometheusMetrics(model_name, engine.stats)
+    engine.listener = metrics
+    app = build_app(engine, model_name, metrics, api_key)
+    logger.info("serving %s on http://%s:%d (max_model_len %d, %d KV blocks)", model_name, host, port,
+                engine.engine.config.max_model_len, engine.engine.num_total_blocks)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
