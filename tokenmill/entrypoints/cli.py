@@ -222,7 +222,7 @@ def cmd_bench_calibrate(args: argparse.Namespace) -> int:
     cost, info = fit_cost_model(records)
     print(f"fitted on {info['steps']} steps (mean {info['mean_step_s'] * 1e3:.1f} ms): "
           f"a={cost.a:.6g} s, b={cost.b:.6g} s/token, c={cost.c:.6g} s/context token | "
-          f"R^2 {info['r2']:.3f}, RMSE {info['rmse_s'] * 1e3:.1f} ms")
+          f"R^2 {info['r2']:.3f}, RMSE {info['rmse_s'] * 1e3:.1f} ms, median error {info['median_rel_err']:.1%}")
     if min(cost.a, cost.b, cost.c) < 0:
         print("warning: a negative coefficient: the steps do not follow a + b*tokens + c*context well "
               "(a busy machine?)", file=sys.stderr)

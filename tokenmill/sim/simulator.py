@@ -1,0 +1,351 @@
+"""Scheduling simulator: the real Scheduler and KVCacheManager on a virtual clock, no model.
+
+A workload (JSONL records {"prompt_token_ids": [...], "max_tokens": k, "priority"?: int,
+"tenant"?: str}) arrives as a seeded Poisson process. Each step runs the real `schedule()`; the
+model is replaced by a step-time cost model
+
+    step time = a + b * (tokens in the step) + c * (context tokens of the scheduled requests)
+
+where a request's context is num_computed_tokens before the step + its tokens in the step (what its
+attention reads). Every scheduled request that samples gets one fake token and finishes at
+max_tokens (as with ignore_eos). Times are virtual seconds, so a run is exactly reproducible for a
+seed, and policies can be compared at loads this machine could never run for real.
+
+Not modelled: swap transfer time, the engine's CPU overhead outside the step, stop tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.policy import make_policy
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.timeline import write_arrivals
+from tokenmill.engine.trace import StepRecord, TraceWriter
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+
+_FAKE_TOKEN = 0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per step: a + b * tokens + c * context tokens."""
+    a: float
+    b: float
+    c: float
+
+    def step_time(self, num_tokens: int, num_context_tokens: int) -> float:
+        return self.a + self.b * num_tokens + self.c * num_context_tokens
+
+    @classmethod
+    def load(cls, path: str) -> "CostModel":
+        with open(path) as f:
+            d = json.load(f)
+        try:
+            return cls(float(d["a"]), float(d["b"]), float(d["c"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"cost model {path} must be a JSON object with numbers a, b, c") from None
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f)
+            f.write("\n")
+
+
+# NOTE: fitted on this project's 2-core CPU machine, idle (SmolLM2-135M-Instruct, float32 as "auto"
+# picks without AVX512-BF16, 2 threads, the engine's defaults) with
+#   tokenmill bench calibrate --out cost_model.json
+# (173 steps, median error 5.5%, R^2 0.93). Read: ~46 ms per step, ~1.6 ms per token, ~20 us per
+# context token.
+DEFAULT_COST_MODEL = CostModel(a=0.0463, b=0.00159, c=2.01e-5)
+
+
+@dataclass
+class WorkloadRecord:
+    prompt_token_ids: list[int]
+    max_tokens: int
+    priority: int = 0
+    tenant: str = "default"
+
+
+def load_workload(path: str) -> list[WorkloadRecord]:
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
+            ids, max_tokens = d.get("prompt_token_ids"), d.get("max_tokens")
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+                raise ValueError(f"{path}:{lineno}: prompt_token_ids must be a non-empty list of integers")
+            if not isinstance(max_tokens, int) or max_tokens < 1:
+                raise ValueError(f"{path}:{lineno}: max_tokens must be a positive integer, got {max_tokens!r}")
+            priority = d.get("priority", 0)
+            if not isinstance(priority, int):
+                raise ValueError(f"{path}:{lineno}: priority must be an integer, got {priority!r}")
+            records.append(WorkloadRecord(ids, max_tokens, priority, str(d.get("tenant", "default"))))
+    if not records:
+        raise ValueError(f"{path}: the workload has no requests")
+    return records
+
+
+@dataclass
+class Arrival:
+    time: float
+    record: WorkloadRecord
+    prompt_token_ids: list[int]
+
+
+def make_arrivals(records: list[WorkloadRecord], num_requests: int | None, arrival_rate: float,
+                  seed: int) -> list[Arrival]:
+    """Requests in arrival order: the records replayed in file order, then in seeded shuffles.
+
+    The first request arrives at t=0, the rest after exponential gaps of mean 1/arrival_rate
+    (arrival_rate=inf: all at once).
+    NOTE: pass c over the records (c >= 1 when num_requests exceeds the file) shifts every token id
+    by c * (max id + 1): a replayed copy is a new prompt of the same length, not a prefix-cache hit
+    on its earlier copy, while prompts that share a prefix within one pass still share it.
+    """
+    if not arrival_rate > 0:
+        raise ValueError(f"arrival_rate must be positive (inf: all at once), got {arrival_rate!r}")
+    n = len(records) if num_requests is None else num_requests
+    if n < 1:
+        raise ValueError(f"num_requests must be positive, got {n!r}")
+    rng = random.Random(seed)
+    span = max(max(r.prompt_token_ids) for r in records) + 1
+    order: list[tuple[int, WorkloadRecord]] = []
+    cycle = 0
+    while len(order) < n:
+        batch = list(records)
+        if cycle:
+            rng.shuffle(batch)
+        order.extend((cycle, r) for r in batch[:n - len(order)])
+        cycle += 1
+    arrivals, t = [], 0.0
+    for i, (cycle, rec) in enumerate(order):
+        if i and not math.isinf(arrival_rate):
+            t += rng.expovariate(arrival_rate)
+        ids = rec.prompt_token_ids if cycle == 0 else [tok + cycle * span for tok in rec.prompt_token_ids]
+        arrivals.append(Arrival(t, rec, ids))
+    return arrivals
+
+
+@dataclass
+class RequestStats:
+    arrival: float
+    first_scheduled: float
+    first_token: float
+    finished: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_preemptions: int
+
+    @property
+    def queue_time(self) -> float:
+        return self.first_scheduled - self.arrival
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float:
+        return self.finished - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        n = self.num_output_tokens - 1
+        return (self.finished - self.first_token) / n if n > 0 else None
+
+
+@dataclass
+class SimResult:
+    policy: str
+    requests: list[RequestStats]
+    num_steps: int
+    sim_time: float  # virtual seconds from the first arrival to the last finish
+    num_preemptions: int
+    mean_batch_size: float
+    mean_tokens_per_step: float
+    prefix_cache_hit_rate: float
+    wall_time: float = 0.0  # real seconds the simulation took (not deterministic)
+    schedule_time: float = 0.0  # of which inside Scheduler.schedule()
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Every figure of the run, deterministic for a seed (wall times left out)."""
+        reqs = self.requests
+        out_tokens = sum(r.num_output_tokens for r in reqs)
+        d = {"policy": self.policy, "requests": len(reqs), "steps": self.num_steps,
+             "sim_time_s": self.sim_time, "preemptions": self.num_preemptions,
+             "throughput_req_s": len(reqs) / self.sim_time if self.sim_time > 0 else 0.0,
+             "throughput_out_tok_s": out_tokens / self.sim_time if self.sim_time > 0 else 0.0,
+             "mean_batch_size": self.mean_batch_size, "mean_tokens_per_step": self.mean_tokens_per_step,
+             "prefix_cache_hit_rate": self.prefix_cache_hit_rate}
+        for name, values in (("queue_time", [r.queue_time for r in reqs]), ("ttft", [r.ttft for r in reqs]),
+                             ("e2e", [r.e2e for r in reqs]),
+                             ("tpot", [r.tpot for r in reqs if r.tpot is not None])):
+            d[name] = distribution(values)
+        return d
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def distribution(values: list[float]) -> dict:
+    s = sorted(values)
+    return {"mean": sum(s) / len(s) if s else float("nan"), "p50": percentile(s, 50),
+            "p95": percentile(s, 95), "p99": percentile(s, 99)}
+
+
+def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
+             cost_model: CostModel = DEFAULT_COST_MODEL, num_host_blocks: int = 0,
+             trace_path: str | None = None) -> SimResult:
+    """Run `arrivals` to completion through a fresh Scheduler built from `config`.
+
+    `config.max_model_len` (None: the longest request of the workload) stands in for the model's
+    context length; like the engine, a request stops at max_model_len. `num_host_blocks` is the
+    swap space in blocks (preemption_mode="swap"). `trace_path` writes the engine's step trace, in
+    virtual seconds, for `tokenmill trace show | plot`.
+    """
+    wall0 = time.perf_counter()
+    longest = max(len(a.prompt_token_ids) + a.record.max_tokens for a in arrivals)
+    config.finalize(config.max_model_len or longest)
+    max_len = config.max_model_len
+    too_long = next((a for a in arrivals if len(a.prompt_token_ids) >= max_len), None)
+    if too_long is not None:
+        raise ValueError(f"a prompt is {len(too_long.prompt_token_ids)} tokens long, but max_model_len is {max_len}")
+    if num_blocks * config.block_size < min(longest, max_len):
+        raise ValueError(f"{num_blocks} blocks of {config.block_size} tokens cannot hold the longest request "
+                         f"({min(longest, max_len)} tokens): raise the number of KV blocks")
+    if config.preemption_mode == "swap":
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                            num_host_blocks=num_host_blocks)
+    else:
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    sched = Scheduler(config, kv, make_policy(config.scheduling_policy, config))
+
+    trace = TraceWriter(trace_path) if trace_path else None
+    live: dict[str, Request] = {}
+    finished: list[RequestStats] = []
+    now, nxt, n = 0.0, 0, len(arrivals)
+    num_steps = total_batch = total_tokens = 0
+    schedule_time = 0.0
+    while len(finished) < n:
+        while nxt < n and arrivals[nxt].time <= now:
+            a = arrivals[nxt]
+            max_tokens = min(a.record.max_tokens, max_len - len(a.prompt_token_ids))
+            req = Request(str(nxt), a.prompt_token_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                          priority=a.record.priority, arrival_time=a.time, tenant=a.record.tenant)
+            live[req.request_id] = req
+            sched.add_request(req)
+            nxt += 1
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        schedule_time += time.perf_counter() - t0
+        if out.is_empty:
+            if nxt < n:  # idle until the next arrival
+                now = max(now, arrivals[nxt].time)
+                continue
+            raise RuntimeError(f"the scheduler scheduled nothing with {len(live)} requests unfinished "
+                               f"and no arrivals left (stuck at t={now:.3f} s)")
+        num_tokens = context = 0
+        for s in out.scheduled:
+            num_tokens += s.num_tokens
+            context += s.start_pos + s.num_tokens
+            times = live[s.request_id].times
+            if times.first_scheduled_time is None:
+                times.first_scheduled_time = now
+        t_start = now
+        now += cost_model.step_time(num_tokens, context)
+        num_steps += 1
+        total_batch += len(out.scheduled)
+        total_tokens += num_tokens
+        done: list[str] = []
+        for s in out.scheduled:
+            if not s.samples:
+                continue
+            req = live[s.request_id]
+            req.append_token(_FAKE_TOKEN)
+            times = req.times
+            if times.first_token_time is None:
+                times.first_token_time = now
+            if req.num_output_tokens >= req.sampling_params.max_tokens:
+                times.finished_time = now
+                sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
+                del live[s.request_id]
+                done.append(s.request_id)
+                finished.append(RequestStats(
+                    arrival=times.arrival_time, first_scheduled=times.first_scheduled_time,
+                    first_token=times.first_token_time, finished=now, num_prompt_tokens=req.num_prompt_tokens,
+                    num_output_tokens=req.num_output_tokens, num_preemptions=req.num_preemptions))
+        if trace is not None:
+            trace.write(StepRecord(
+                step=num_steps, t_start=t_start, t_end=now,
+                scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens, "num_computed_tokens": s.start_pos,
+                            "phase": "prefill" if s.is_prefill else "decode"} for s in out.scheduled],
+                preempted=list(out.preempted_ids), finished=done, num_running=len(sched.running),
+                num_waiting=sched.num_waiting, num_swapped=sched.num_swapped, free_blocks=kv.num_free_blocks,
+                cached_blocks=kv.num_cached_blocks))
+    if trace is not None:
+        trace.close()
+        write_arrivals(trace_path, {str(i): a.time for i, a in enumerate(arrivals)})
+    finished.sort(key=lambda r: r.arrival)
+    queries = kv.prefix_cache_queries
+    return SimResult(
+        policy=config.scheduling_policy, requests=finished, num_steps=num_steps,
+        sim_time=now - arrivals[0].time, num_preemptions=sched.num_preemptions,
+        mean_batch_size=total_batch / num_steps if num_steps else 0.0,
+        mean_tokens_per_step=total_tokens / num_steps if num_steps else 0.0,
+        prefix_cache_hit_rate=kv.prefix_cache_hits / queries if queries else 0.0,
+        wall_time=time.perf_counter() - wall0, schedule_time=schedule_time,
+        config={"num_blocks": num_blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
+                "max_num_batched_tokens": config.max_num_batched_tokens, "cost_model": asdict(cost_model)})
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def format_result(result: SimResult) -> str:
+    s = result.summary()
+    lines = [f"policy {s['policy']}: {s['requests']} requests, {s['steps']} steps, {s['sim_time_s']:.2f} s simulated",
+             f"{'':14s}{'mean':>10s}{'p50':>10s}{'p95':>10s}{'p99':>10s}"]
+    for key, label in (("queue_time", "queue (s)"), ("ttft", "TTFT (s)"), ("e2e", "E2E (s)")):
+        d = s[key]
+        lines.append(f"{label:14s}" + "".join(f"{d[k]:10.3f}" for k in ("mean", "p50", "p95", "p99")))
+    d = s["tpot"]
+    lines.append(f"{'TPOT (ms)':14s}" + "".join(f"{d[k] * 1e3:10.2f}" for k in ("mean", "p50", "p95", "p99")))
+    lines.append(f"throughput {s['throughput_req_s']:.2f} req/s, {s['throughput_out_tok_s']:.1f} output tok/s | "
+                 f"preemptions {s['preemptions']} | mean batch {s['mean_batch_size']:.1f} requests, "
+                 f"{s['mean_tokens_per_step']:.1f} tokens | prefix cache hit rate {s['prefix_cache_hit_rate']:.1%}")
+    return "\n".join(lines)
+
+
+def format_comparison(results: list[SimResult]) -> str:
+    """One row per policy: the headline figures side by side."""
+    head = (f"{'policy':10s}{'req/s':>8s}{'out tok/s':>11s}{'queue mean':>12s}{'TTFT mean':>11s}{'TTFT p50':>10s}"
+            f"{'TTFT p99':>10s}{'E2E mean':>10s}{'E2E p99':>10s}{'TPOT ms':>9s}{'preempt':>9s}")
+    lines = [head]
+    for r in results:
+        s = r.summary()
+        lines.append(f"{s['policy']:10s}{s['throughput_req_s']:8.2f}{s['throughput_out_tok_s']:11.1f}"
+                     f"{s['queue_time']['mean']:12.3f}{s['ttft']['mean']:11.3f}{s['ttft']['p50']:10.3f}"
+                     f"{s['ttft']['p99']:10.3f}{s['e2e']['mean']:10.3f}{s['e2e']['p99']:10.3f}"
+                     f"{s['tpot']['mean'] * 1e3:9.2f}{s['preemptions']:9d}")
+    return "\n".join(lines)
