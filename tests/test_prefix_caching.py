@@ -165,14 +165,18 @@ def test_aborting_a_waiting_fork_and_its_leader_leaks_nothing():
     assert sched.num_unfinished == 0 and sched.kv.num_used_blocks == 0
 
 
-def test_swap_out_and_in_keeps_progress_and_accounts_host_blocks():
-    # 6 blocks of 4: two requests of 8 prompt tokens each grow until one must go.
-    sched = make_scheduler(num_blocks=6, swap=True, host_blocks=8)
+def two_growing_requests(sched: Scheduler):
+    """Two 8-token prompts with 12 tokens to go: in 6 blocks of 4 one of them must be preempted."""
     a = make_request("a", list(range(8)), max_tokens=12, arrival=0.0)
     b = make_request("b", list(range(100, 108)), max_tokens=12, arrival=1.0)
-    reqs = {"a": a, "b": b}
-    sched.add_request(a)
-    sched.add_request(b)
+    for r in (a, b):
+        sched.add_request(r)
+    return a, b, {"a": a, "b": b}
+
+
+def test_swap_out_and_in_keeps_progress_and_accounts_host_blocks():
+    sched = make_scheduler(num_blocks=6, swap=True, host_blocks=8)
+    a, b, reqs = two_growing_requests(sched)
     swapped_out = None
     for _ in range(40):
         out = run_step(sched, reqs)
@@ -197,11 +201,7 @@ def test_swap_out_and_in_keeps_progress_and_accounts_host_blocks():
 
 def test_swap_falls_back_to_recompute_when_the_host_space_is_full():
     sched = make_scheduler(num_blocks=6, swap=True, host_blocks=1)
-    a = make_request("a", list(range(8)), max_tokens=12, arrival=0.0)
-    b = make_request("b", list(range(100, 108)), max_tokens=12, arrival=1.0)
-    reqs = {"a": a, "b": b}
-    sched.add_request(a)
-    sched.add_request(b)
+    a, b, reqs = two_growing_requests(sched)
     while sched.num_preemptions == 0:
         run_step(sched, reqs)
     assert sched.num_swap_outs == 0 and b.status == RequestStatus.WAITING and b.num_computed_tokens == 0
@@ -209,11 +209,7 @@ def test_swap_falls_back_to_recompute_when_the_host_space_is_full():
 
 def test_aborting_a_swapped_request_frees_its_host_blocks():
     sched = make_scheduler(num_blocks=6, swap=True, host_blocks=8)
-    a = make_request("a", list(range(8)), max_tokens=12, arrival=0.0)
-    b = make_request("b", list(range(100, 108)), max_tokens=12, arrival=1.0)
-    reqs = {"a": a, "b": b}
-    sched.add_request(a)
-    sched.add_request(b)
+    a, b, reqs = two_growing_requests(sched)
     while b.status != RequestStatus.SWAPPED:
         run_step(sched, reqs)
     sched.finish_request(b, RequestStatus.FINISHED_ABORTED)
