@@ -1,8 +1,10 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5) over a flat ragged batch.
 
-Module names follow Hugging Face's checkpoints, so a state dict loads as it is. The forward pass
-never sees a request: it gets token ids, positions, the KV caches and the attention metadata, and
-returns logits only for the rows that sample.
+Module names follow Hugging Face's checkpoints, except that q/k/v and gate/up are each one
+projection (one GEMM instead of three or two): `PACKED_MODULES` says which checkpoint weights are
+stacked into which, and `pack_checkpoint` does it at load time. The forward pass never sees a
+request: it gets token ids, positions, the KV caches and the attention metadata, and returns logits
+only for the rows that sample.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from torch import nn
 
 from tokenmill.models.layers.attention import AttentionBackend
 from tokenmill.models.layers.norm import RMSNorm
-from tokenmill.models.layers.rotary import RotaryEmbedding
+from tokenmill.models.layers.rotary import RotaryEmbedding, apply_rotary
+
+# Our projection -> the checkpoint's weights stacked into it (along the output dimension), in order.
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class Attention(nn.Module):
@@ -23,18 +28,19 @@ class Attention(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         out_bias = bool(getattr(cfg, "attention_bias", False)) and not _is_qwen2(cfg)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=out_bias)
         self.backend = backend
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, attn_metadata):
+    def forward(self, x, cos_sin, kv_cache, attn_metadata):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q and k heads are adjacent: rotate them in one go.
+        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -43,12 +49,13 @@ class MLP(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -59,8 +66,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, kv_cache, attn_metadata):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, attn_metadata)
+    def forward(self, x, cos_sin, kv_cache, attn_metadata):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, attn_metadata)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -83,16 +90,34 @@ class LlamaForCausalLM(nn.Module):
         if getattr(cfg, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @staticmethod
+    def pack_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return pack_checkpoint(state)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata, logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; returns logits [len(logits_indices), vocab] in float32."""
         m = self.model
         x = m.embed_tokens(input_ids)
+        cos_sin = m.rotary.cos_sin(positions, x.dtype)  # once per step, shared by the layers
         for layer, kv_cache in zip(m.layers, kv_caches):
-            x = layer(x, positions, m.rotary, kv_cache, attn_metadata)
+            x = layer(x, cos_sin, kv_cache, attn_metadata)
         # RMSNorm is per row: select the sampling rows first, so norm and LM head skip the rest.
         x = m.norm(x[logits_indices])
         return self.lm_head(x).float()
+
+
+def pack_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack a Hugging Face checkpoint's q/k/v and gate/up weights (and biases) into our fused ones."""
+    out = dict(state)
+    for name in state:
+        for packed, parts in PACKED_MODULES.items():
+            prefix, _, suffix = name.rpartition(f".{parts[0]}.")
+            if not prefix:
+                continue
+            names = [f"{prefix}.{p}.{suffix}" for p in parts]
+            out[f"{prefix}.{packed}.{suffix}"] = torch.cat([out.pop(n) for n in names], dim=0)
+    return out
 
 
 def _is_qwen2(cfg) -> bool:

@@ -96,7 +96,7 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBa
         raise ValueError(f"unsupported architecture {archs}; supported: {sorted(ARCHITECTURES)}")
     with torch.device("meta"):
         model = cls(hf_config, backend, max_positions)
-    state = _read_safetensors(folder)
+    state = cls.pack_checkpoint(_read_safetensors(folder))
     if getattr(hf_config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict()} - ({"lm_head.weight"} if getattr(
