@@ -136,10 +136,19 @@ class TorchPagedAttention(AttentionBackend):
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchPagedAttention}
+# Backends whose modules import this one, added to BACKENDS on first use (no import cycle):
+# name -> (module, class). "cpu" builds a C++ extension the first time (see cpu_attention.py).
+LAZY_BACKENDS: dict[str, tuple[str, str]] = {"cpu": ("tokenmill.models.layers.cpu_attention", "CpuPagedAttention")}
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
+    if name not in BACKENDS and name in LAZY_BACKENDS:
+        import importlib
+
+        module, cls = LAZY_BACKENDS[name]
+        BACKENDS[name] = getattr(importlib.import_module(module), cls)
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise ValueError(f"attention_backend must be one of {sorted(BACKENDS)}, got {name!r}") from None
+        raise ValueError(f"attention_backend must be one of {sorted(BACKENDS.keys() | LAZY_BACKENDS.keys())}, "
+                         f"got {name!r}") from None

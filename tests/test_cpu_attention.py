@@ -1,0 +1,274 @@
+"""The C++ CPU paged-attention backend against the torch (SDPA) backend, and end to end against HF.
+
+Random ragged batches mix decode tokens, prompt chunks starting at position 0 and chunks continuing
+after cached tokens, over shuffled, non-contiguous blocks; both backends write the new K/V and
+attend, and must agree: float32 to ~1e-5, bfloat16 to bf16 rounding. Every test skips (with the
+compiler's reason) where the extension cannot be built.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention, get_attention_backend
+from tokenmill.models.layers.cpu_attention import CpuPagedAttention, cpu_attention_available, load_extension
+
+
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        module = load_extension()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    if not module.has_simd():
+        pytest.skip("the extension was compiled without AVX2/FMA")
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """Two threads wherever the tests run, so the parallel split and the plan's choices (which
+    depend on the thread count) are the same everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):
+    """specs: (cached tokens, new tokens) per request. Returns q, k, v, a cache holding random K/V
+    for the cached tokens, and the AttentionInputs of the step (blocks shuffled across requests)."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    need = [-(-(ctx + n) // block_size) for ctx, n in specs]
+    num_blocks = sum(need) + 7  # spare blocks: random values that must never be read
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    max_blocks = max(need) + 2  # wider than needed: the padding must be ignored
+    tables = torch.zeros(len(specs), max_blocks, dtype=torch.int64)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    slots, qsl, seq_lens = [], [0], []
+    for i, ((ctx, n), nb) in enumerate(zip(specs, need)):
+        tables[i, :nb] = torch.tensor(ids[:nb])
+        ids = ids[nb:]
+        for pos in range(ctx, ctx + n):
+            slots.append(int(tables[i, pos // block_size]) * block_size + pos % block_size)
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(ctx + n)
+    t = qsl[-1]
+    q = torch.randn(t, num_heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(t, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(t, num_kv_heads, head_dim, generator=g).to(dtype)
+    inputs = AttentionInputs(slot_mapping=torch.tensor(slots, dtype=torch.int64), query_start_loc=qsl,
+                             seq_lens=seq_lens, block_tables=tables, block_size=block_size)
+    return q, k, v, cache, inputs
+
+
+def run_both(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    q, k, v, cache, inputs = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    scale = head_dim ** -0.5
+    torch_backend, cpu_backend = TorchPagedAttention(), CpuPagedAttention()
+    cache_ref, cache_cpu = cache.clone(), cache.clone()
+    with torch.inference_mode():
+        ref = torch_backend.forward(q, k, v, cache_ref, torch_backend.prepare(inputs), scale)
+        out = cpu_backend.forward(q, k, v, cache_cpu, cpu_backend.prepare(inputs), scale)
+    assert torch.equal(cache_cpu, cache_ref), "the new K/V were not written to the same slots"
+    return out, ref, (q, k, v, cache, inputs)
+
+
+def mixed_specs(rng: random.Random, n_decode: int, n_fresh: int, n_cont: int, max_ctx: int = 300):
+    specs = [(rng.randrange(1, max_ctx), 1) for _ in range(n_decode)]
+    specs += [(0, rng.randrange(2, 120)) for _ in range(n_fresh)]
+    specs += [(rng.randrange(1, max_ctx), rng.randrange(2, 90)) for _ in range(n_cont)]
+    rng.shuffle(specs)
+    return specs
+
+
+HEADS = [(9, 3), (4, 4), (6, 2)]  # GQA group 3 (the default model), 1 (MHA), 3 with other counts
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"H{h[0]}-KVH{h[1]}")
+def test_mixed_batch_float32(ext, heads, block_size):
+    rng = random.Random(block_size * 100 + heads[0])
+    for trial in range(3):
+        specs = mixed_specs(rng, n_decode=6, n_fresh=2, n_cont=3)
+        out, ref, _ = run_both(specs, *heads, 64, block_size, torch.float32, seed=trial)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_decode", [5, 40])
+def test_decode_heavy_batch(ext, n_decode, dtype):
+    """Few decodes: one work item per KV head; many: one item covers all KV heads of a token."""
+    rng = random.Random(n_decode)
+    specs = mixed_specs(rng, n_decode=n_decode, n_fresh=1, n_cont=1, max_ctx=400)
+    out, ref, (q, k, v, cache, inputs) = run_both(specs, 9, 3, 64, 16, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    backend = CpuPagedAttention()
+    plan = backend.plan(backend.prepare(inputs), 3, 3)
+    assert int(plan[:, 4].max()) == (3 if n_decode >= 8 else 1)
+    # The items cover every (token, KV head) exactly once.
+    covered = torch.zeros(q.shape[0], 3, dtype=torch.int64)
+    qsl = inputs.query_start_loc
+    for req, j0, qn, h0, nh in plan.tolist():
+        covered[qsl[req] + j0: qsl[req] + j0 + qn, h0: h0 + nh] += 1
+    assert bool((covered == 1).all())
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+@pytest.mark.parametrize("heads", HEADS[:2], ids=lambda h: f"H{h[0]}-KVH{h[1]}")
+def test_mixed_batch_bfloat16(ext, heads, block_size):
+    rng = random.Random(7 + block_size)
+    specs = mixed_specs(rng, n_decode=6, n_fresh=2, n_cont=3)
+    out, ref, (q, k, v, cache, inputs) = run_both(specs, *heads, 64, block_size, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # Against a float32 computation from the same bf16 inputs: only the final rounding differs.
+    f32 = TorchPagedAttention()
+    with torch.inference_mode():
+        ref32 = f32.forward(q.float(), k.float(), v.float(), cache.float(), f32.prepare(inputs), 64 ** -0.5)
+    torch.testing.assert_close(out.float(), ref32, atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("specs", [
+    [(0, 1)],  # the very first token of a prompt
+    [(0, 300)],  # one long prompt: several query tiles and key tiles
+    [(250, 1)] * 3 + [(0, 2), (17, 2), (5, 3)],  # decodes and tiny chunks (row path, per-row masks)
+    [(31, 45), (16, 16), (15, 17), (1, 64)],  # chunks around block boundaries
+    [(rng_ctx, 1) for rng_ctx in (1, 15, 16, 17, 31, 32, 33, 511)],  # decode lengths around tiles
+], ids=["first-token", "long-prompt", "decode-and-tiny", "block-edges", "decode-lengths"])
+def test_edge_shapes(ext, specs):
+    for block_size in (16, 8, 5):
+        out, ref, _ = run_both(specs, 9, 3, 64, block_size, torch.float32)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [16, 20, 40, 128])
+def test_other_head_dims(ext, head_dim):
+    """Head dims that exercise the vector tails (not multiples of 8 / 16 / 32)."""
+    rng = random.Random(head_dim)
+    specs = mixed_specs(rng, n_decode=4, n_fresh=1, n_cont=2, max_ctx=100)
+    for heads in [(9, 3), (2, 1)]:
+        out, ref, _ = run_both(specs, *heads, head_dim, 16, torch.float32)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_reference_path(ext):
+    """The portable scalar kernel (used where AVX2/FMA are missing) agrees as well."""
+    rng = random.Random(3)
+    specs = mixed_specs(rng, n_decode=4, n_fresh=1, n_cont=2, max_ctx=100)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v, cache, inputs = make_batch(specs, 9, 3, 20, 8, dtype, seed=1)
+        backend = CpuPagedAttention()
+        md = backend.prepare(inputs)
+        plan = backend.plan(md, 3, 3)
+        simd = ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
+                           md.seq_lens, plan, 20 ** -0.5, simd=True)
+        scalar = ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
+                             md.seq_lens, plan, 20 ** -0.5, simd=False)
+        torch.testing.assert_close(scalar.float(), simd.float(), atol=tol, rtol=tol)
+
+
+def test_int32_tables_noncontiguous_q_and_plan_reuse(ext):
+    specs = [(40, 1), (0, 33), (20, 7)]
+    q, k, v, cache, inputs = make_batch(specs, 9, 3, 64, 16, torch.float32, seed=5)
+    ref_backend = TorchPagedAttention()
+    with torch.inference_mode():
+        ref = ref_backend.forward(q, k, v, cache.clone(), ref_backend.prepare(inputs), 0.125)
+    backend = CpuPagedAttention()
+    inputs.block_tables = inputs.block_tables.to(torch.int32)
+    md = backend.prepare(inputs)
+    q_strided = torch.empty(q.shape[0], q.shape[1], 2 * q.shape[2])[..., ::2]  # last dim not contiguous
+    q_strided.copy_(q)
+    q_heads = torch.empty(q.shape[1], q.shape[0], q.shape[2]).transpose(0, 1)  # heads-major strides
+    q_heads.copy_(q)
+    for qq in (q_strided, q_heads, q):  # the second and third calls reuse the step's plan
+        out = backend.forward(qq, k, v, cache.clone(), md, 0.125)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert list(md.plans) == [(3, 3)]
+
+
+def test_bad_inputs_are_rejected(ext):
+    specs = [(10, 1), (0, 5)]
+    q, k, v, cache, inputs = make_batch(specs, 9, 3, 64, 16, torch.float32, seed=2)
+    backend = CpuPagedAttention()
+    md = backend.prepare(inputs)
+    md.block_tables = md.block_tables.clone()
+    md.block_tables[0, 0] = cache.shape[1]  # a block id past the cache
+    with pytest.raises(RuntimeError, match="out of range"):
+        backend.forward(q, k, v, cache, md, 0.125)
+    md = backend.prepare(inputs)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache, md, 0.125)
+    md.slot_mapping = md.slot_mapping + cache.shape[1] * cache.shape[2]
+    with pytest.raises(RuntimeError, match="out of range"):
+        backend.forward(q, k, v, cache, md, 0.125)
+
+
+def test_registered_backend(ext):
+    assert cpu_attention_available()
+    assert isinstance(get_attention_backend("cpu"), CpuPagedAttention)
+
+
+# ---- end to end: greedy float32 tokens equal transformers' ---------------------------------------
+
+def _hf_greedy(model_dir, prompts, max_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for ids, k in zip(prompts, max_tokens):
+            x = torch.tensor([ids])
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, do_sample=False,
+                                 eos_token_id=None)
+            outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.mark.parametrize("budget", [None, 16], ids=["default-budget", "chunked-16"])
+def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget):
+    import tokenmill.engine.llm_engine as llm_engine
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.worker.kv_cache import kv_bytes_per_block
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(llm_engine, "get_attention_backend", lambda name: CpuPagedAttention())
+    rng = random.Random(99)
+    lens, max_tokens = [5, 17, 140, 31, 64, 90], [24, 7, 12, 20, 1, 16]
+    prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in lens]
+    kv_memory = 128 * kv_bytes_per_block(AutoConfig.from_pretrained(tiny_llama_dir), 16, torch.float32)
+    args = dict(max_model_len=512, kv_cache_memory=kv_memory)
+    if budget:
+        args["max_num_batched_tokens"] = budget
+    llm = LLM(str(tiny_llama_dir), dtype="float32", **args)
+    assert llm.llm_engine.runner.backend.name == "cpu"
+    params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    expected = _hf_greedy(tiny_llama_dir, prompts, max_tokens)
+    for i, (out, exp) in enumerate(zip(outputs, expected)):
+        assert out.outputs[0].token_ids == exp, f"prompt {i} ({lens[i]} tokens) differs from transformers"
+    assert llm.llm_engine.num_used_blocks == 0
+
+
+def test_build_failure_is_reported_once(ext, tmp_path, monkeypatch, caplog):
+    """A source that does not compile: unavailable, one warning carrying the compiler's error."""
+    import tokenmill.models.layers.cpu_attention as cpu_attention
+
+    broken = tmp_path / "paged_attention.cpp"
+    broken.write_text('#error "deliberately broken for the test"\n')
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    for name, value in (("_module", None), ("_error", None), ("_warned", False)):
+        monkeypatch.setattr(cpu_attention, name, value)
+    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
+        assert not cpu_attention.cpu_attention_available()
+        assert not cpu_attention.cpu_attention_available()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "deliberately broken" in warnings[0].getMessage()
+    with pytest.raises(RuntimeError, match="cannot build"):
+        CpuPagedAttention()
