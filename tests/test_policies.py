@@ -194,6 +194,36 @@ def test_admission_control_cuts_preemptions_without_losing_throughput():
     assert cost_with < cost_without
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_admission_peak_check_is_exact(seed):
+    """_peak_fits admits exactly when the brute-force peak of blocks fits: max over k of
+    sum over requests alive at k's end (o_i >= o_k) of ceil((a_i + o_k) / block_size)."""
+    rng = random.Random(seed)
+    bs = 16
+    sim = Sim("fcfs", num_blocks=10_000, block_size=bs, max_num_seqs=64, budget=10_000, admission=False)
+    for i in range(rng.randint(1, 12)):
+        sim.add(f"r{i}", prompt_len=rng.randint(1, 200), max_tokens=rng.randint(1, 120))
+    sim.step()
+    for _ in range(rng.randint(0, 30)):
+        sim.step()
+    sched = sim.sched
+    candidate = Request("c", list(range(rng.randint(1, 200))), SamplingParams(max_tokens=rng.randint(1, 120)))
+    items = [(r.num_tokens, sched._expected_remaining_output(r)) for r in [*sched.running, candidate]]
+    peak = max(sum(-(-(a + ok) // bs) for a, o in items if o >= ok) for _, ok in items)
+    in_use = sum(len(r.block_ids) for r in sched.running)
+    for free in (peak - in_use - 1, peak - in_use):  # one block short of the peak, then just enough
+        sched.kv = _FreeBlocks(sched.kv, free)
+        assert sched._peak_fits(candidate) == (free + in_use >= peak)
+
+
+class _FreeBlocks:
+    """A KVCacheManager stand-in that reports a chosen number of free blocks."""
+
+    def __init__(self, kv, free: int) -> None:
+        self.block_size, self.num_free_blocks = kv.block_size, free
+        self.pool = kv.pool
+
+
 def test_admission_control_learns_the_output_ratio():
     sim = Sim("fcfs", admission=True)
     assert sim.sched.output_ratio == 1.0

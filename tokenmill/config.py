@@ -49,6 +49,8 @@ class EngineConfig:
     log_steps: bool = False
     trace_path: str | None = None
     num_threads: int | None = None
+    async_scheduling: bool = True  # overlap: schedule step N+1 and process N-1 while N computes
+    attention_backend: str = "auto"  # "cpu" (C++ kernel), "torch" (reference), "auto": cpu where it builds
     # Scheduling and memory
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
@@ -74,6 +76,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.attention_backend not in ("auto", "cpu", "torch"):
+            raise ValueError(f"attention_backend must be 'auto', 'cpu' or 'torch', got {self.attention_backend!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if not isinstance(self.swap_space, int) or self.swap_space < 0:

@@ -4,7 +4,11 @@ Glossary (one meaning per name, used everywhere):
   num_tokens           prompt tokens + output tokens known so far (len(all_token_ids)).
   num_computed_tokens  tokens whose K/V are in the cache. A prompt chunk, a prefix-cache hit and a
                        decode step all just advance it; the request samples a new token in a step
-                       that brings it up to num_tokens.
+                       that brings it up to num_tokens + num_pending_tokens.
+  num_pending_tokens   tokens sampled by steps whose output the engine has not yet processed. With
+                       overlap scheduling step N+1 is scheduled before step N's output is seen,
+                       and feeds step N's sample (pending, unknown to Python) as its input; while
+                       N+1 runs, both its sample and N's are pending (at most 2).
   block_ids            the request's block table (logical block i -> physical block id), owned and
                        changed only by the KVCacheManager (as are block_hashes,
                        num_registered_blocks and swapped_block_ids).
@@ -61,6 +65,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hashes of its full blocks (prefix caching)
         self.num_registered_blocks = 0  # leading blocks already entered in the prefix cache
@@ -96,9 +101,15 @@ class Request:
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
+
     def append_token(self, token_id: int) -> None:
+        """A sampled token has come back from the model runner: it is known now, no longer pending."""
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "

@@ -82,5 +82,10 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
+    @property
+    def needs_output_history(self) -> bool:
+        """The sampler reads the tokens generated so far (penalties, min_tokens)."""
+        return self.has_penalties or self.min_tokens > 0
+
     def clone(self, **changes) -> "SamplingParams":
         return replace(self, **changes)

@@ -71,7 +71,7 @@ class KVCacheManager:
         """Cached blocks matching the request's leading full blocks, none covering its last token."""
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
+        max_blocks = (request.num_tokens_with_pending - 1) // self.block_size
         hashes = extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, max_blocks)
         hits = []
         for h in hashes[:max_blocks]:
@@ -84,7 +84,8 @@ class KVCacheManager:
     def _register_full_blocks(self, request: Request, num_computed: int) -> None:
         if not self.enable_prefix_caching:
             return
-        num_full = num_computed // self.block_size
+        # Only blocks of known tokens: a pending token (computed before Python knows it) waits.
+        num_full = min(num_computed, request.num_tokens) // self.block_size
         if request.num_registered_blocks >= num_full:
             return
         hashes = extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, num_full)

@@ -17,8 +17,15 @@ budget (max_num_seqs), spent in phases:
 Admission control (as SGLang's): request i will hold a_i tokens once its known tokens are computed
 and grow by one per step for its o_i expected remaining output tokens (o_i = max_tokens * the
 output ratio learned from finished requests, less what it has made). Requests end in order of o;
-just before the k-th (by o) ends, those still running hold sum_{o_i >= o_k} (a_i + o_k) tokens.
-The largest of these peaks must fit, or admitting now means preempting later.
+just before the k-th (by o) ends, those still running hold sum_{o_i >= o_k} ceil((a_i + o_k) / bs)
+blocks. The largest of these peaks must fit, or admitting now means preempting later.
+
+Overlap scheduling: the engine may schedule step N+1 before it has processed step N's output.
+A request that samples in step N then has a pending token (Request.num_pending_tokens): step N+1
+feeds it as its input (a placeholder here, filled in by the model runner from step N's samples),
+and a request that step N's token will surely end (max_tokens, max_model_len) is not scheduled
+again. A stop token or string in step N's output is only seen later: that request's work in step
+N+1 is wasted and its sample dropped by the engine.
 
 So decodes always come before new prompts, and a long prompt is cut to the budget left over
 (chunked prefill) instead of stalling the decodes of others.
@@ -40,16 +47,19 @@ from tokenmill.core.policy import SchedulingPolicy
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
+PENDING_TOKEN = -1  # stands for a request's pending token in ScheduledRequest.token_ids
+
 
 @dataclass
 class ScheduledRequest:
     """One request's share of a step, as the model runner needs it (not the Request itself).
 
-    token_ids and block_ids are copies; prompt_token_ids and output_token_ids are the request's own
-    lists (read by the sampler for penalties before the engine appends this step's token).
+    token_ids and block_ids are copies, and so is output_token_ids where the sampler needs it
+    (penalties, min_tokens; else it is empty): the model runner may run while the engine appends
+    tokens to the request. prompt_token_ids is the request's own list (it never changes).
     """
     request_id: str
-    token_ids: list[int]  # the tokens fed this step
+    token_ids: list[int]  # the tokens fed this step; the last may be PENDING_TOKEN (see above)
     start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
     block_ids: list[int]  # block table after this step's allocation
     samples: bool  # the step reaches the request's last known token: sample the next one
@@ -57,7 +67,7 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     generator: torch.Generator | None
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    output_token_ids: list[int]  # known outputs at scheduling time (a pending token not included)
 
     @property
     def num_tokens(self) -> int:
@@ -72,9 +82,12 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # device -> host
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # device -> device
+    # The queues and the cache right after this decision (what the step trace records).
     num_running: int = 0
     num_waiting: int = 0
+    num_swapped: int = 0
     num_free_blocks: int = 0
+    num_cached_blocks: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -102,6 +115,7 @@ class Scheduler:
                  policy: SchedulingPolicy) -> None:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
+        self.max_model_len = config.max_model_len
         self.chunked_prefill = config.enable_chunked_prefill
         self.swap = config.preemption_mode == "swap"
         self.admission_control = config.enable_admission_control
@@ -187,7 +201,9 @@ class Scheduler:
         out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy = self.kv.take_pending_ops()
         out.num_running = len(self.running)
         out.num_waiting = self.num_waiting
+        out.num_swapped = self.num_swapped
         out.num_free_blocks = self.kv.num_free_blocks
+        out.num_cached_blocks = self.kv.num_cached_blocks
         return out
 
     def _release_forks(self) -> None:
@@ -210,7 +226,7 @@ class Scheduler:
         self._preempted_only_for_waiting = False
         while len(self.waiting):
             head = self.waiting.peek()
-            first_chunk = min(head.num_tokens - head.num_computed_tokens, self.max_num_batched_tokens)
+            first_chunk = min(head.num_tokens_with_pending - head.num_computed_tokens, self.max_num_batched_tokens)
             if len(self.running) < self.max_num_seqs and \
                     self.kv.num_new_blocks(head, first_chunk) <= self.kv.num_free_blocks:
                 break
@@ -224,7 +240,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._ends_with_pending_token(req):
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
+            num_new = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.waiting.choose_victim(self.running[i:])
                 self._preempt(victim, out)
@@ -240,10 +259,12 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
+            if req.num_pending_tokens:
+                break  # preempted with its last sample in flight: resume once the engine has it
             swapped = req.status == RequestStatus.SWAPPED
             cached = [] if swapped else self.kv.find_cached_prefix(req)
             num_cached = len(cached) * self.kv.block_size
-            num_new = req.num_tokens - req.num_computed_tokens - num_cached
+            num_new = req.num_tokens_with_pending - req.num_computed_tokens - num_cached
             if num_new > budget and not self.chunked_prefill:
                 break
             num_new = min(num_new, budget)
@@ -268,34 +289,57 @@ class Scheduler:
         return max(0, expected_output - req.num_output_tokens)
 
     def _peak_fits(self, candidate: Request) -> bool:
-        """Would the expected peak of KV blocks still fit if `candidate` joined the running set?"""
+        """Would the expected peak of KV blocks still fit if `candidate` joined the running set?
+
+        Just before the request with o_k expected outputs left ends, each request i still alive
+        (o_i >= o_k) holds ceil((a_i + o_k) / bs) blocks. With a_i = q_i*bs + r_i and o_k = Q*bs + R
+        that is q_i + Q + ceil((r_i + R) / bs), the last term 0, 1 or 2 by r_i alone: a histogram of
+        the alive requests' r_i makes each peak O(bs), so the check is exact and O(n*bs).
+        """
         bs = self.kv.block_size
         items = sorted(((r.num_tokens, self._expected_remaining_output(r)) for r in [*self.running, candidate]),
-                       key=lambda item: item[1])
+                       key=lambda item: -item[1])
         capacity = self.kv.num_free_blocks + sum(len(r.block_ids) for r in self.running)
-        suffix_tokens = 0
-        for k in range(len(items) - 1, -1, -1):
-            suffix_tokens += items[k][0]
-            alive = len(items) - k
-            # NOTE: + alive: each live request may waste up to one partly filled block.
-            if (suffix_tokens + alive * items[k][1]) / bs + alive > capacity:
+        sum_q, alive, residues = 0, 0, [0] * bs
+        for tokens, remaining in items:  # by decreasing o: the alive set grows
+            q, r = divmod(tokens, bs)
+            sum_q, alive = sum_q + q, alive + 1
+            residues[r] += 1
+            big_q, big_r = divmod(remaining, bs)
+            partial = alive - (residues[0] if big_r == 0 else 0)  # r_i + R >= 1: one more block
+            spill = sum(residues[bs - big_r + 1:])  # r_i + R > bs: two more blocks
+            if sum_q + alive * big_q + partial + spill > capacity:
                 return False
         return True
+
+    def _ends_with_pending_token(self, req: Request) -> bool:
+        """The request's pending token will end it (max_tokens or max_model_len reached)."""
+        if not req.num_pending_tokens:
+            return False
+        return (req.num_output_tokens + req.num_pending_tokens >= req.sampling_params.max_tokens
+                or req.num_tokens_with_pending >= self.max_model_len)
 
     def _take(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
         req.num_computed_tokens += num_new
+        token_ids = req.all_token_ids[start:start + num_new]
+        if len(token_ids) < num_new:  # the pending token: only the model runner knows it yet
+            token_ids.append(PENDING_TOKEN)
+        samples = req.num_computed_tokens == req.num_tokens_with_pending
+        if samples:
+            req.num_pending_tokens += 1
+        params = req.sampling_params
         out.scheduled.append(ScheduledRequest(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + num_new],
+            token_ids=token_ids,
             start_pos=start,
             block_ids=list(req.block_ids),
-            samples=req.num_computed_tokens == req.num_tokens,
+            samples=samples,
             is_prefill=num_new > 1 or start < req.num_prompt_tokens,
-            sampling_params=req.sampling_params,
+            sampling_params=params,
             generator=req.generator,
             prompt_token_ids=req.prompt_token_ids,
-            output_token_ids=req.output_token_ids,
+            output_token_ids=list(req.output_token_ids) if params.needs_output_history else [],
         ))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

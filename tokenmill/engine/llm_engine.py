@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +13,7 @@ from transformers import AutoTokenizer
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import make_policy
-from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
 from tokenmill.engine.trace import StepRecord, TraceWriter
@@ -47,7 +49,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(folder, self.hf_config, self.tokenizer)
 
         dtype = config.torch_dtype
-        backend = get_attention_backend("torch")
+        backend = get_attention_backend(_resolve_backend(config.attention_backend))
         model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len)
         bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes() // bytes_per_block
@@ -71,6 +73,11 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._trace = TraceWriter(config.trace_path) if config.trace_path else None
+        self._last_step_end = 0.0
+        # Overlap scheduling: one model-runner thread; the batch it is computing, if any.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-runner") \
+            if config.async_scheduling else None
+        self._in_flight: deque[tuple[SchedulerOutput, dict[str, Request], Future, float]] = deque()
 
     # ---- requests in -----------------------------------------------------------------------------
 
@@ -160,21 +167,58 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; return the outputs of the requests it advanced.
+
+        With overlap scheduling (config.async_scheduling), the batch runs on the model runner's
+        thread and this returns the outputs of the *previous* batch, processed while the new one
+        computes: the cores never wait for Python bookkeeping between two forward passes.
+        """
+        if self._executor is None:
+            t_start = time.time()
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            owners = self._mark_scheduled(sched, t_start)
+            return self._process(sched, owners, self.runner.execute(sched), t_start)
+        if not self._in_flight:
+            self._submit()  # start the pipeline: the batch after it is scheduled right below
+        self._submit()  # schedule step N+1 while step N computes
+        if not self._in_flight:
+            return []
+        sched, owners, future, t_start = self._in_flight.popleft()
+        outputs = self._process(sched, owners, future.result(), t_start)
+        if self._in_flight and not self._parents:
+            # Nothing is left to serve: finish the batch in flight (its samples are dropped) so the
+            # runner is idle when step() returns.
+            self._in_flight.popleft()[2].result()
+        return outputs
+
+    def _submit(self) -> None:
         t_start = time.time()
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        for s in sched.scheduled:
-            times = self._requests[s.request_id].times
-            if times.first_scheduled_time is None:
-                times.first_scheduled_time = t_start
-                self._num_prompt_tokens += len(s.prompt_token_ids)
-        result = self.runner.execute(sched)
+        if not sched.is_empty:
+            owners = self._mark_scheduled(sched, t_start)
+            self._in_flight.append((sched, owners, self._executor.submit(self.runner.execute, sched), t_start))
+
+    def _mark_scheduled(self, sched: SchedulerOutput, t_start: float) -> dict[str, Request]:
+        """The batch's requests by id (the objects: an id may be reused once its request ends)."""
+        owners = {s.request_id: self._requests[s.request_id] for s in sched.scheduled}
+        for req in owners.values():
+            if req.times.first_scheduled_time is None:
+                req.times.first_scheduled_time = t_start
+                self._num_prompt_tokens += req.num_prompt_tokens
+        return owners
+
+    def _process(self, sched: SchedulerOutput, owners: dict[str, Request], result,
+                 t_start: float) -> list[RequestOutput]:
+        """Append the sampled tokens, check stops, finish requests; the outputs of those advanced."""
         now = time.time()
         touched: dict[str, None] = {}
         finished: list[str] = []
         for rid, (token, logprobs) in result.sampled.items():
-            req = self._requests[rid]
+            req = owners[rid]
+            if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
+                continue
             req.append_token(token)
             if logprobs is not None:
                 req.output_logprobs.append(logprobs)
@@ -186,23 +230,25 @@ class LLMEngine:
                 self._finish(req, status, now)
                 finished.append(rid)
             touched[req.parent_id] = None
-        self._num_generation_tokens += len(result.sampled)
+            self._num_generation_tokens += 1
         self.num_steps += 1
         if self.config.log_steps or self._trace is not None:
             self._record_step(sched, t_start, finished)
         return [self._make_output(pid) for pid in touched]
 
-    def _record_step(self, sched, t_start: float, finished: list[str]) -> None:
-        kv = self.scheduler.kv
+    def _record_step(self, sched: SchedulerOutput, t_start: float, finished: list[str]) -> None:
+        # With overlap, a batch is scheduled while the previous one runs: its step starts where
+        # that one's ended, so the steps tile the timeline.
+        t_start = max(t_start, self._last_step_end)
+        self._last_step_end = time.time()
         record = StepRecord(
-            step=self.num_steps, t_start=t_start, t_end=time.time(),
+            step=self.num_steps, t_start=t_start, t_end=self._last_step_end,
             scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens,
                         "num_computed_tokens": s.start_pos, "phase": "prefill" if s.is_prefill else "decode"}
                        for s in sched.scheduled],
             preempted=list(sched.preempted_ids), finished=finished,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_swapped=self.scheduler.num_swapped, free_blocks=kv.num_free_blocks,
-            cached_blocks=kv.num_cached_blocks)
+            num_running=sched.num_running, num_waiting=sched.num_waiting, num_swapped=sched.num_swapped,
+            free_blocks=sched.num_free_blocks, cached_blocks=sched.num_cached_blocks)
         if self.config.log_steps:
             print(record.format(), file=sys.stderr, flush=True)
         if self._trace is not None:
@@ -282,6 +328,10 @@ class LLMEngine:
             generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
 
     def close(self) -> None:
+        while self._in_flight:
+            self._in_flight.popleft()[2].result()
+        if self._executor is not None:
+            self._executor.shutdown()
         if self._trace is not None:
             self._trace.close()
             self._trace = None
@@ -311,6 +361,15 @@ def _metrics(children: list[Request]) -> RequestMetrics:
         finished_time=max(t.finished_time for t in times) if done else None,
         num_preemptions=sum(c.num_preemptions for c in children),
     )
+
+
+def _resolve_backend(name: str) -> str:
+    """"auto" is the C++ kernel where it builds (a C++ compiler is needed once), else plain PyTorch."""
+    if name != "auto":
+        return name
+    from tokenmill.models.layers.cpu_attention import cpu_attention_available
+
+    return "cpu" if cpu_attention_available() else "torch"
 
 
 def _eos_token_ids(folder, hf_config, tokenizer) -> set[int]:

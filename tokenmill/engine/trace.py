@@ -1,4 +1,6 @@
-"""One record per engine step: what ran, what it cost, what state the queues were left in.
+"""One record per engine step: what ran, what it cost, and the queues and blocks as the step's
+scheduling decision left them (before its outputs finish anyone: with overlap scheduling the next
+step is decided before this one's outputs are seen, so only this point is well defined).
 
 The same record feeds the step log (--log-steps, one line per step) and the trace file
 (trace_path, one JSON object per line) that `tokenmill trace` draws.

@@ -1,4 +1,4 @@
-"""Command line: `tokenmill generate | serve | bench serve | bench calibrate | trace | simulate ...`."""
+"""Command line: `tokenmill generate | serve | bench serve | bench throughput | bench calibrate | trace | simulate ...`."""
 from __future__ import annotations
 
 import argparse
@@ -21,13 +21,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-steps", action="store_true", help="print one line per engine step to stderr")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="run schedule -> forward -> output processing one after another (no overlap)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+                   help="paged attention: the C++ kernel (cpu), plain PyTorch (torch), or cpu where it builds (auto)")
     g.add_argument("--trace", dest="trace_path", default=None, metavar="PATH",
                    help="write one JSON line per engine step to PATH (see `tokenmill trace`)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps", "trace_path", "num_threads")
+             "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps", "trace_path", "num_threads",
+             "attention_backend", "async_scheduling")
     return {n: getattr(args, n) for n in names}
 
 
@@ -290,6 +295,25 @@ def add_trace_sim_parsers(sub) -> None:
     cal.set_defaults(func=cmd_bench_calibrate)
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from tokenmill.benchmarks.throughput import main as bench_throughput_main
+
+    return bench_throughput_main(args, engine_kwargs(args))
+
+
+def add_bench_throughput_parser(sub) -> None:
+    """`tokenmill bench throughput`: offline throughput with vLLM's `bench throughput` definitions."""
+    bench_sub = _subcommand_group(sub, "bench", "benchmarks")
+    tp = bench_sub.add_parser("throughput", help="offline throughput on a workload file "
+                                                 "(the figures of vLLM's bench throughput)")
+    tp.add_argument("--workload", required=True, help="JSONL: prompt_token_ids and max_tokens per line")
+    tp.add_argument("--num-prompts", type=int, default=None, help="use only the first N workload lines")
+    tp.add_argument("--output-json", default=None, metavar="PATH", help="also write the figures as JSON")
+    tp.add_argument("--disable-tqdm", action="store_true")
+    add_engine_args(tp)
+    tp.set_defaults(func=cmd_bench_throughput)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     add_serve_parsers(sub)
     add_trace_sim_parsers(sub)
+    add_bench_throughput_parser(sub)
     return parser
 
 

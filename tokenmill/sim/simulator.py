@@ -177,6 +177,7 @@ class SimResult:
     mean_batch_size: float
     mean_tokens_per_step: float
     prefix_cache_hit_rate: float
+    num_used_blocks_at_end: int = 0  # KV blocks still held once every request finished (0 unless a leak)
     wall_time: float = 0.0  # real seconds the simulation took (not deterministic)
     schedule_time: float = 0.0  # of which inside Scheduler.schedule()
     config: dict = field(default_factory=dict)
@@ -300,9 +301,9 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
                 step=num_steps, t_start=t_start, t_end=now,
                 scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens, "num_computed_tokens": s.start_pos,
                             "phase": "prefill" if s.is_prefill else "decode"} for s in out.scheduled],
-                preempted=list(out.preempted_ids), finished=done, num_running=len(sched.running),
-                num_waiting=sched.num_waiting, num_swapped=sched.num_swapped, free_blocks=kv.num_free_blocks,
-                cached_blocks=kv.num_cached_blocks))
+                preempted=list(out.preempted_ids), finished=done, num_running=out.num_running,
+                num_waiting=out.num_waiting, num_swapped=out.num_swapped, free_blocks=out.num_free_blocks,
+                cached_blocks=out.num_cached_blocks))
     if trace is not None:
         trace.close()
         write_arrivals(trace_path, {str(i): a.time for i, a in enumerate(arrivals)})
@@ -314,6 +315,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
         mean_batch_size=total_batch / num_steps if num_steps else 0.0,
         mean_tokens_per_step=total_tokens / num_steps if num_steps else 0.0,
         prefix_cache_hit_rate=kv.prefix_cache_hits / queries if queries else 0.0,
+        num_used_blocks_at_end=kv.num_used_blocks,
         wall_time=time.perf_counter() - wall0, schedule_time=schedule_time,
         config={"num_blocks": num_blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
                 "max_num_batched_tokens": config.max_num_batched_tokens, "cost_model": asdict(cost_model)})

@@ -1,6 +1,10 @@
 """The KV cache tensors: one [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
 from __future__ import annotations
 
+import math
+import mmap
+import warnings
+
 import torch
 
 
@@ -11,6 +15,19 @@ def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
 
 
 def allocate_kv_caches(hf_config, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Zero-filled caches in one anonymous memory map: the OS hands out zeroed pages as they are
+    first written, so even a cache of gigabytes costs nothing at start-up (torch.zeros would touch
+    every page: seconds)."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     shape = (2, num_blocks, block_size, hf_config.num_key_value_heads, head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(hf_config.num_hidden_layers)]
+    layers = hf_config.num_hidden_layers
+    if num_blocks == 0:
+        return [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+    nbytes = layers * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)  # decode attention reads the whole context: fewer TLB misses
+    with warnings.catch_warnings():  # "non-writable buffer": an anonymous map is writable
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buf, dtype=dtype)
+    return list(flat.view(layers, *shape).unbind(0))

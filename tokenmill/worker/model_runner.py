@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmill.core.scheduler import SchedulerOutput
+from tokenmill.core.scheduler import PENDING_TOKEN, ScheduledRequest, SchedulerOutput
 from tokenmill.models.layers.attention import AttentionBackend, AttentionInputs
 from tokenmill.worker.sampler import Sampler, SamplingRow
 
@@ -33,6 +33,9 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = backend
         self.sampler = Sampler(seed)
+        # The previous step's samples: a request's pending token (PENDING_TOKEN in its token_ids)
+        # is the one it sampled there (the engine may not have seen it yet).
+        self._last_sampled: dict[str, int] = {}
 
     def _copy_blocks(self, sched: SchedulerOutput) -> None:
         # Order matters: a block swapped out may be reused in the same step as a swap-in or copy target.
@@ -54,7 +57,14 @@ class ModelRunner:
         if not reqs:
             return ModelRunnerOutput({})
         bs = self.block_size
+        last = self._last_sampled
+        pending = {r.request_id: last[r.request_id] for r in reqs if r.token_ids[-1] == PENDING_TOKEN}
         input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
+        if pending:
+            ends = np.cumsum([r.num_tokens for r in reqs]) - 1
+            for i, r in enumerate(reqs):
+                if r.request_id in pending:
+                    input_ids[ends[i]] = pending[r.request_id]
         positions = np.concatenate([np.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
         lens = np.array([r.num_tokens for r in reqs])
         query_start_loc = np.concatenate([[0], np.cumsum(lens)])
@@ -78,9 +88,18 @@ class ModelRunner:
         logits = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), self.kv_caches,
                             metadata, logits_indices)
         if not sampling:
+            self._last_sampled = {}
             return ModelRunnerOutput({})
         rows = [SamplingRow(reqs[i].sampling_params, reqs[i].generator, reqs[i].prompt_token_ids,
-                            reqs[i].output_token_ids) for i in sampling]
+                            _history(reqs[i], pending)) for i in sampling]
         out = self.sampler(logits, rows)
+        self._last_sampled = {reqs[i].request_id: tok for i, tok in zip(sampling, out.token_ids)}
         return ModelRunnerOutput({reqs[i].request_id: (tok, lp) for i, tok, lp
                                   in zip(sampling, out.token_ids, out.logprobs)})
+
+
+def _history(req: ScheduledRequest, pending: dict[str, int]) -> list[int]:
+    """The outputs the sampler sees: those known at scheduling time, then the pending one."""
+    if req.request_id in pending and req.sampling_params.needs_output_history:
+        return [*req.output_token_ids, pending[req.request_id]]
+    return req.output_token_ids
