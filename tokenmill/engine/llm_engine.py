@@ -169,9 +169,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; return the outputs of the requests it advanced.
 
-        With overlap scheduling (config.async_scheduling), the batch runs on the model runner's
-        thread and this returns the outputs of the *previous* batch, processed while the new one
-        computes: the cores never wait for Python bookkeeping between two forward passes.
+        With overlap scheduling (config.async_scheduling), batches run on the model runner's
+        thread: this schedules the next batch, then returns the outputs of the oldest one in flight,
+        processed while the next computes.
         """
         if self._executor is None:
             t_start = time.time()
