@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention, get_attention_backend
-from tokenmill.models.layers.cpu_attention import CpuPagedAttention, cpu_attention_available, load_extension
+from tokenmill.models.layers.cpu_attention import CpuPagedAttention
+from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def test_bad_inputs_are_rejected(ext):
 
 
 def test_registered_backend(ext):
-    assert cpu_attention_available()
+    assert cpu_ops_available()
     assert isinstance(get_attention_backend("cpu"), CpuPagedAttention)
 
 
@@ -247,6 +248,7 @@ def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget):
         args["max_num_batched_tokens"] = budget
     llm = LLM(str(tiny_llama_dir), dtype="float32", **args)
     assert llm.llm_engine.runner.backend.name == "cpu"
+    assert llm.llm_engine.runner.model.model.norm.ops is ext  # and the fused elementwise kernels
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     expected = _hf_greedy(tiny_llama_dir, prompts, max_tokens)
@@ -257,17 +259,20 @@ def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget):
 
 def test_build_failure_is_reported_once(ext, tmp_path, monkeypatch, caplog):
     """A source that does not compile: unavailable, one warning carrying the compiler's error."""
-    import tokenmill.models.layers.cpu_attention as cpu_attention
+    import shutil
 
-    broken = tmp_path / "paged_attention.cpp"
-    broken.write_text('#error "deliberately broken for the test"\n')
+    import tokenmill.models.layers.cpu_ops as cpu_ops
+
+    broken = tmp_path / "csrc"
+    shutil.copytree(cpu_ops.SOURCE_DIR, broken)
+    (broken / "paged_attention.cpp").write_text('#error "deliberately broken for the test"\n')
     monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    monkeypatch.setattr(cpu_ops, "SOURCE_DIR", broken)
     for name, value in (("_module", None), ("_error", None), ("_warned", False)):
-        monkeypatch.setattr(cpu_attention, name, value)
-    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
-        assert not cpu_attention.cpu_attention_available()
-        assert not cpu_attention.cpu_attention_available()
+        monkeypatch.setattr(cpu_ops, name, value)
+    with caplog.at_level("WARNING", logger=cpu_ops.__name__):
+        assert not cpu_ops.cpu_ops_available()
+        assert not cpu_ops.cpu_ops_available()
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "deliberately broken" in warnings[0].getMessage()
     with pytest.raises(RuntimeError, match="cannot build"):

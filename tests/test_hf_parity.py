@@ -141,6 +141,19 @@ def test_batch_mixed_lengths(request, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_plain_pytorch(request, name, monkeypatch):
+    """Where tokenmill's CPU extension can't be built: torch attention, torch RMSNorm / SiLU / RoPE."""
+    import tokenmill.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "cpu_ops_available", lambda: False)
+    model_dir, prompts, max_tokens, ignore_eos = _setup(request, name)
+    llm, _ = _case(model_dir, prompts, max_tokens, ignore_eos, **_default_args(name, model_dir))
+    model = llm.llm_engine.runner.model
+    assert llm.llm_engine.runner.backend.name == "torch"
+    assert model.model.norm.ops is None and model.model.layers[0].mlp.ops is None
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_chunked_prefill_small_budget(request, name):
     """Every prompt is longer than the budget, so each is prefilled over several steps, in chunks
     that don't line up with the blocks, while other requests decode beside it."""

@@ -59,7 +59,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <atomic>
@@ -70,18 +69,13 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu_vec.h"
+#include "ops.h"
+
 #define TM_UNROLL _Pragma("GCC unroll 16")
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TM_HAVE_AVX2 1
-#else
-#define TM_HAVE_AVX2 0
-#endif
-
+namespace tokenmill {
 namespace {
-
-using bf16 = c10::BFloat16;
 
 // Sizes chosen by measurement on a 2-core Zen 3 (AVX2), SmolLM2-135M shapes (9 heads, 3 KV heads,
 // head_dim 64): a key tile of 32 was no faster than 16 in either path; tile-path items of 48 query
@@ -90,10 +84,6 @@ constexpr int kKeyTile = 16;     // keys per online-softmax step (a multiple of 
 constexpr int kRowPathMax = 8;   // items with at most this many query rows per KV head take the row path
 constexpr int kTileRows = 48;    // target query rows (tokens x group) of a tile-path item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline float to_float(float x) { return x; }
-inline float to_float(bf16 x) { return static_cast<float>(x); }
-template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -229,41 +219,6 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
 #if TM_HAVE_AVX2
 
 // ---- AVX2 helpers ----------------------------------------------------------------------------
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// exp(x) for x <= 88: Cephes expf (range reduction by ln 2, degree-6 polynomial), ~1-2 ulp.
-// Inputs below ln(FLT_MIN), -inf included, give exactly 0.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654475f);
-  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(underflow, y);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -890,13 +845,4 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
 
 bool has_simd() { return TM_HAVE_AVX2; }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tokenmill paged attention for the CPU";
-  m.def("plan", &plan, "work items of one step", py::arg("query_start_loc"), py::arg("seq_lens"),
-        py::arg("num_kv_heads"), py::arg("group"));
-  m.def("forward", &forward, "write k/v into the paged cache, then attend", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("scale"),
-        py::arg("simd") = true);
-  m.def("has_simd", &has_simd, "whether the AVX2/FMA kernels were compiled in");
-}
+}  // namespace tokenmill

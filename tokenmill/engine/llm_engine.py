@@ -18,6 +18,7 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
 from tokenmill.engine.trace import StepRecord, TraceWriter
 from tokenmill.models.layers.attention import get_attention_backend
+from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.request import Request, RequestStatus
@@ -50,7 +51,9 @@ class LLMEngine:
 
         dtype = config.torch_dtype
         backend = get_attention_backend(_resolve_backend(config.attention_backend))
-        model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len)
+        # The fused RMSNorm / SiLU x up / RoPE kernels come with the extension wherever it builds.
+        ops = load_extension() if cpu_ops_available() else None
+        model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len, ops)
         bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes() // bytes_per_block
         if num_blocks * config.block_size < config.max_model_len:
@@ -367,9 +370,7 @@ def _resolve_backend(name: str) -> str:
     """"auto" is the C++ kernel where it builds (a C++ compiler is needed once), else plain PyTorch."""
     if name != "auto":
         return name
-    from tokenmill.models.layers.cpu_attention import cpu_attention_available
-
-    return "cpu" if cpu_attention_available() else "torch"
+    return "cpu" if cpu_ops_available() else "torch"
 
 
 def _eos_token_ids(folder, hf_config, tokenizer) -> set[int]:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import load_file
@@ -91,13 +92,14 @@ def load_hf_config(folder: Path):
 
 
 def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBackend,
-               max_positions: int) -> torch.nn.Module:
+               max_positions: int, ops: ModuleType | None = None) -> torch.nn.Module:
+    """The checkpoint in `folder` as a tokenmill model; `ops`: tokenmill's CPU extension, or None."""
     archs = getattr(hf_config, "architectures", None) or []
     cls = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if cls is None:
         raise ValueError(f"unsupported architecture {archs}; supported: {sorted(ARCHITECTURES)}")
     with torch.device("meta"):
-        model = cls(hf_config, backend, max_positions)
+        model = cls(hf_config, backend, max_positions, ops)
     state = cls.pack_checkpoint(_read_safetensors(folder))
     if getattr(hf_config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
@@ -111,7 +113,7 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBa
     if getattr(hf_config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers (rotary tables) were built on meta: build them again for real, in float32.
-    model.model.rotary = type(model.model.rotary)(hf_config, max_positions)
+    model.model.rotary = type(model.model.rotary)(hf_config, max_positions, ops)
     if dtype == torch.float32 or cpu_has_fast_bf16():
         prepack_linears(model)  # bfloat16 without AMX / AVX512-BF16 stays on the plain path
     return model.eval()

@@ -1,5 +1,13 @@
-"""Rotary position embedding (rotate-half form, as Hugging Face's Llama), indexed by position."""
+"""Rotary position embedding (rotate-half form, as Hugging Face's Llama), indexed by position.
+
+`RotaryEmbedding.for_positions(positions, dtype)` is called once per step and gives the layers a
+`StepRotary`: `rope(qk)` rotates a [T, heads, head_dim] view of the step's query and key heads.
+With tokenmill's CPU kernels it rotates in place, reading the float32 tables by position; without,
+it gathers the tables' rows once per step and returns a rotated copy.
+"""
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -22,21 +30,34 @@ def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to max_positions, computed once at load time."""
 
-    def __init__(self, hf_config, max_positions: int) -> None:
+    def __init__(self, hf_config, max_positions: int, ops: ModuleType | None = None) -> None:
         super().__init__()
         inv_freq, scaling = rope_inv_freq(hf_config)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.ops = ops
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables' rows for a step's positions, [T, 1, D] each, to pass to apply_rotary."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def for_positions(self, positions: torch.Tensor, dtype: torch.dtype) -> "StepRotary":
+        if self.ops is not None and positions.device.type == "cpu":
+            return StepRotary(positions=positions, cos=self.cos, sin=self.sin, ops=self.ops)
+        return StepRotary(positions=positions, cos=self.cos[positions].to(dtype)[:, None, :],
+                          sin=self.sin[positions].to(dtype)[:, None, :])
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] rotated by its token's position: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+class StepRotary:
+    """One step's rotation: positions [T]; cos/sin are the whole tables (ops) or the step's rows."""
+
+    def __init__(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 ops: ModuleType | None = None) -> None:
+        self.positions, self.cos, self.sin, self.ops = positions, cos, sin, ops
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] rotated by its token's position: x * cos + rotate_half(x) * sin."""
+        if self.ops is not None:
+            self.ops.rotary_embedding(x, self.positions, self.cos, self.sin)
+            return x
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos + rotated * self.sin

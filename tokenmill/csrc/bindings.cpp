@@ -1,0 +1,21 @@
+// The Python module of tokenmill's CPU kernels (built by tokenmill/models/layers/cpu_ops.py).
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace tokenmill;
+  m.doc() = "tokenmill's CPU kernels: paged attention and the decoder layer's fused elementwise steps";
+  m.def("plan", &plan, "work items of one attention step", py::arg("query_start_loc"), py::arg("seq_lens"),
+        py::arg("num_kv_heads"), py::arg("group"));
+  m.def("forward", &forward, "write k/v into the paged cache, then attend", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("scale"),
+        py::arg("simd") = true);
+  m.def("has_simd", &has_simd, "whether the AVX2/FMA kernels were compiled in");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 statistics)", py::arg("x"), py::arg("weight"),
+        py::arg("eps"));
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half of each row", py::arg("gate_up"));
+  m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place from cos/sin tables", py::arg("x"),
+        py::arg("positions"), py::arg("cos"), py::arg("sin"));
+}

@@ -1,0 +1,246 @@
+// The decoder layer's elementwise steps, each one pass over memory instead of several torch ops:
+//
+//   rms_norm(x, w, eps)                 -> w * (x / sqrt(mean(x^2) + eps))
+//   fused_add_rms_norm(x, res, w, eps)  res += x; x = rms_norm(res)          (both in place)
+//   silu_and_mul(gu)                    -> silu(gu[:, :I]) * gu[:, I:]
+//   rotary_embedding(x, pos, cos, sin)  x = x * cos[pos] + rotate_half(x) * sin[pos]  (in place)
+//
+// Each rounds where Hugging Face's Llama rounds, so outputs equal the torch code they replace up
+// to the order of the float32 sum in RMSNorm and the last bit of exp in SiLU:
+//   * RMSNorm: mean of squares and the scaling in float32, the scaled row rounded to the input
+//     dtype, then multiplied by the weight in that dtype (HF: `weight * hidden.to(input_dtype)`).
+//   * residual add, SiLU, the SiLU x up product and RoPE's two products and sum: each rounded to
+//     the tensor dtype, as separate torch ops would. The build passes -ffp-contract=off so the
+//     compiler does not fuse a product and a sum into one FMA (one rounding instead of two).
+// float32 has AVX2 paths (the activations of a float32 model); bfloat16 takes the portable loops
+// (rounding each intermediate through c10::BFloat16).
+//
+// Rows are split over at::parallel_for threads in grains of at least kGrainElems elements: a
+// decode step's rows (a few dozen x hidden size) stay on one thread, where waking the pool
+// would cost more than the pass itself.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_vec.h"
+#include "ops.h"
+
+namespace tokenmill {
+namespace {
+
+constexpr int64_t kGrainElems = 1 << 15;
+
+inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_elems, 1)); }
+
+template <typename T>
+inline T round_to(float x) { return from_float<T>(x); }
+
+// sum of squares of one row, in float32
+template <typename T>
+inline float sum_squares(const T* x, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if TM_HAVE_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a = load8(x + i), b = load8(x + i + 8);
+    acc0 = _mm256_fmadd_ps(a, a, acc0);
+    acc1 = _mm256_fmadd_ps(b, b, acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = load8(x + i);
+    acc0 = _mm256_fmadd_ps(a, a, acc0);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += to_float(x[i]) * to_float(x[i]);
+  return s;
+}
+
+// out = w * T(x * r), r = 1 / sqrt(mean(x^2) + eps)
+template <typename T>
+inline void norm_row(const T* x, const T* w, T* out, int64_t n, float eps) {
+  const float r = 1.f / std::sqrt(sum_squares(x, n) / static_cast<float>(n) + eps);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if TM_HAVE_AVX2
+    const __m256 rv = _mm256_set1_ps(r);
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
+#endif
+  }
+  for (; i < n; ++i) out[i] = round_to<T>(to_float(w[i]) * to_float(round_to<T>(to_float(x[i]) * r)));
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.stride(1) == 1,
+              name, " must be a 2-d CPU tensor with a contiguous last dimension");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16,
+              name, " must be float32 or bfloat16");
+}
+
+void check_weight(const torch::Tensor& w, const torch::Tensor& x) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1) &&
+                  w.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous 1-d CPU tensor of the input's dtype and hidden size (", x.size(1), ")");
+}
+
+template <typename T>
+void silu_mul_row(const T* g, const T* u, T* out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if TM_HAVE_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+#endif
+  }
+  for (; i < n; ++i) {
+    const float x = to_float(g[i]);
+    out[i] = round_to<T>(to_float(round_to<T>(x / (1.f + std::exp(-x)))) * to_float(u[i]));
+  }
+}
+
+// One head of one token: x[i], x[i + half] -> x * c - x2 * s, x2 * c' + x * s'.
+template <typename T>
+inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+#if TM_HAVE_AVX2
+    for (; i + 8 <= half; i += 8) {
+      const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+      const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
+                                      _mm256_mul_ps(x2, _mm256_loadu_ps(s + i)));
+      const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
+                                      _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i)));
+      _mm256_storeu_ps(x + i, o1);
+      _mm256_storeu_ps(x + half + i, o2);
+    }
+#endif
+  }
+  for (; i < half; ++i) {
+    // The tables are float32; HF casts them to the activations' dtype first.
+    const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
+    const float c1 = to_float(round_to<T>(c[i])), s1 = to_float(round_to<T>(s[i]));
+    const float c2 = to_float(round_to<T>(c[half + i])), s2 = to_float(round_to<T>(s[half + i]));
+    const float a = to_float(round_to<T>(x1 * c1)), b = to_float(round_to<T>(x2 * s1));
+    const float e = to_float(round_to<T>(x2 * c2)), f = to_float(round_to<T>(x1 * s2));
+    x[i] = round_to<T>(a - b);
+    x[half + i] = round_to<T>(e + f);
+  }
+}
+
+template <typename Fn>
+void dispatch_float_types(const torch::Tensor& t, Fn&& fn) {
+  if (t.scalar_type() == torch::kFloat32) fn(static_cast<float*>(nullptr));
+  else fn(static_cast<bf16*>(nullptr));
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_weight(weight, x);
+  auto out = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t rows = x.size(0), n = x.size(1);
+  dispatch_float_types(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = x.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const int64_t st = x.stride(0);
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) norm_row(xp + r * st, wp, op + r * n, n, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+void fused_add_rms_norm(torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  check_weight(weight, x);
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
+                  x.scalar_type() == residual.scalar_type(),
+              "x and residual must be contiguous tensors of one shape and dtype");
+  const int64_t rows = x.size(0), n = x.size(1);
+  dispatch_float_types(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* xp = x.data_ptr<T>();
+    T* rp = residual.data_ptr<T>();
+    const T* wp = weight.data_ptr<T>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        T* xr = xp + r * n;
+        T* rr = rp + r * n;
+        int64_t i = 0;
+        if constexpr (std::is_same_v<T, float>) {
+#if TM_HAVE_AVX2
+          for (; i + 8 <= n; i += 8) _mm256_storeu_ps(rr + i, _mm256_add_ps(_mm256_loadu_ps(rr + i), _mm256_loadu_ps(xr + i)));
+#endif
+        }
+        for (; i < n; ++i) rr[i] = round_to<T>(to_float(rr[i]) + to_float(xr[i]));
+        norm_row(rr, wp, xr, n, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up's last dimension must be even, got ", gate_up.size(1));
+  const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
+  auto out = torch::empty({rows, n}, gate_up.options());
+  dispatch_float_types(gate_up, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* gp = gate_up.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const int64_t st = gate_up.stride(0);
+    at::parallel_for(0, rows, grain_rows(2 * n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) silu_mul_row(gp + r * st, gp + r * st + n, op + r * n, n);
+    });
+  });
+  return out;
+}
+
+void rotary_embedding(torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
+                      const torch::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1,
+              "x must be a [T, heads, head_dim] CPU tensor with a contiguous last dimension");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  const int64_t T_ = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even, got ", D);
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.dim() == 1 &&
+                  positions.is_contiguous() && positions.size(0) == T_,
+              "positions must be a contiguous int64 [T] CPU tensor");
+  for (const torch::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 2 && t->is_contiguous() &&
+                    t->size(1) == D && t->sizes() == cos.sizes(),
+                "cos and sin must be contiguous float32 [max_positions, head_dim] CPU tensors");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t max_pos = cos.size(0);
+  for (int64_t t = 0; t < T_; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "positions[", t, "] = ", pos[t], " is outside the rotary tables (",
+                max_pos, " positions)");
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  dispatch_float_types(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    T* xp = x.data_ptr<T>();
+    const int64_t st0 = x.stride(0), st1 = x.stride(1);
+    at::parallel_for(0, T_, grain_rows(H * D), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        for (int64_t h = 0; h < H; ++h) rotate_head(xp + t * st0 + h * st1, cp + pos[t] * D, sp + pos[t] * D, D / 2);
+    });
+  });
+}
+
+}  // namespace tokenmill

@@ -1,0 +1,27 @@
+// What the tokenmill CPU extension exports (bound to Python in bindings.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace tokenmill {
+
+// paged_attention.cpp
+torch::Tensor plan(const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, int64_t num_kv_heads,
+                   int64_t group);
+torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>& k,
+                      const std::optional<torch::Tensor>& v, torch::Tensor kv_cache,
+                      const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
+                      const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
+                      const torch::Tensor& work_plan, double scale, bool simd);
+bool has_simd();
+
+// fused_ops.cpp
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+void fused_add_rms_norm(torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight, double eps);
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
+void rotary_embedding(torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
+                      const torch::Tensor& sin);
+
+}  // namespace tokenmill

@@ -1,0 +1,127 @@
+"""tokenmill's CPU kernels: one C++ extension built from `tokenmill/csrc` on first use.
+
+    paged_attention.cpp   paged attention over a ragged batch (the "cpu" attention backend)
+    fused_ops.cpp         RMSNorm (with the residual add), SiLU x up, rotary embedding
+    bindings.cpp          the Python module
+
+The extension is compiled on first use with torch.utils.cpp_extension (a C++17 compiler and ninja,
+`-O3 -march=native -fopenmp`) into $TOKENMILL_CACHE/torch_extensions/<hash> (default
+~/.cache/tokenmill/...). The hash covers the sources, the torch version, the flags and the CPU, so
+a later process imports the cached library directly without touching the compiler.
+`cpu_ops_available()` says whether that worked with the AVX2/FMA kernels compiled in (and logs
+why not, once), so the engine can fall back to plain PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "bindings.cpp")
+_NAME = "tokenmill_cpu_ops"
+# No -ffast-math: the kernels' float32 results must stay within rounding of the torch ops they
+# replace, and fast-math would also let the compiler assume no infinities (masked scores are -inf).
+# -ffp-contract=off: a product and a sum written apart stay two roundings, as in torch (explicit FMA
+# intrinsics are unaffected).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
+_LDFLAGS = ["-fopenmp"]  # libgomp.so.1: resolves to the copy torch has already loaded
+_OK_MARKER = "build-ok"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_directory() -> Path:
+    """Where these sources, this torch version, flag set and CPU build (a new hash when any changes)."""
+    h = hashlib.sha256()
+    files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h"))
+    for part in (*(f.read_bytes() for f in files), torch.__version__.encode(), " ".join(_CFLAGS + _LDFLAGS).encode(),
+                 sys.version.encode(), platform.machine().encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    root = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+    return root / "torch_extensions" / f"{_NAME}-{h.hexdigest()[:16]}"
+
+
+def _import_built(directory: Path) -> ModuleType | None:
+    so = next(iter(sorted(directory.glob(f"{_NAME}*.so"))), None)
+    if so is None or not (directory / _OK_MARKER).exists():
+        return None
+    spec = importlib.util.spec_from_file_location(so.stem.split(".")[0], so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_extension() -> ModuleType:
+    """The compiled extension module, building it on first use. Raises RuntimeError if it cannot."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise RuntimeError(_error)
+        try:
+            directory = build_directory()
+            module = _import_built(directory)
+            if module is None:
+                from torch.utils.cpp_extension import load
+
+                directory.mkdir(parents=True, exist_ok=True)
+                module = load(name=_NAME, sources=[str(SOURCE_DIR / s) for s in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                              build_directory=str(directory), verbose=False)
+                # Only a finished build is imported directly by later processes.
+                tmp = directory / f"{_OK_MARKER}.{os.getpid()}"
+                tmp.write_text(torch.__version__)
+                tmp.replace(directory / _OK_MARKER)
+        except Exception as e:  # compiler missing, build error, import error
+            _error = f"cannot build tokenmill's CPU extension: {type(e).__name__}: {e}"
+            raise RuntimeError(_error) from e
+        _module = module
+        return module
+
+
+_warned = False
+
+
+def cpu_ops_available() -> bool:
+    """True if the extension builds (or is cached) and has its AVX2/FMA kernels; else warns once."""
+    global _warned
+    try:
+        module = load_extension()
+    except RuntimeError as e:
+        reason = str(e)
+    else:
+        if module.has_simd():
+            return True
+        reason = ("tokenmill's CPU extension was compiled without AVX2/FMA; its scalar fallbacks are "
+                  "slower than PyTorch's")
+    if not _warned:
+        _warned = True
+        logger.warning("%s; using plain PyTorch instead", reason)
+    return False
