@@ -10,8 +10,9 @@
 //   * RMSNorm: mean of squares and the scaling in float32, the scaled row rounded to the input
 //     dtype, then multiplied by the weight in that dtype (HF: `weight * hidden.to(input_dtype)`).
 //   * residual add, SiLU, the SiLU x up product and RoPE's two products and sum: each rounded to
-//     the tensor dtype, as separate torch ops would. The build passes -ffp-contract=off so the
-//     compiler does not fuse a product and a sum into one FMA (one rounding instead of two).
+//     the tensor dtype, as separate torch ops would. FMA contraction is off for this file (the
+//     pragmas below), so the compiler does not fuse a product and a sum into one FMA (one
+//     rounding instead of two). It stays on for the attention kernel's tile path, which it speeds up.
 // float32 has AVX2 paths (the activations of a float32 model); bfloat16 takes the portable loops
 // (rounding each intermediate through c10::BFloat16).
 //
@@ -28,6 +29,12 @@
 
 #include "cpu_vec.h"
 #include "ops.h"
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 namespace tokenmill {
 namespace {
