@@ -59,11 +59,12 @@ class CostModel:
 
 
 # NOTE: fitted on this project's 2-core CPU machine, idle (SmolLM2-135M-Instruct, float32 as "auto"
-# picks without AVX512-BF16, 2 threads, the engine's defaults) with
+# picks without AVX512-BF16, 2 threads, the engine's defaults: the C++ attention and fused kernels,
+# prepacked linears) with
 #   tokenmill bench calibrate --out cost_model.json
-# (173 steps, median error 5.5%, R^2 0.93). Read: ~46 ms per step, ~1.6 ms per token, ~20 us per
-# context token.
-DEFAULT_COST_MODEL = CostModel(a=0.0463, b=0.00159, c=2.01e-5)
+# (204 steps, median error 6.4%, R^2 0.96). Read: ~27 ms per step, ~1.7 ms per token, ~5 us per
+# context token. (The previous fit, with the torch attention backend, read 46 ms, 1.6 ms, 20 us.)
+DEFAULT_COST_MODEL = CostModel(a=0.0273, b=0.00168, c=5.23e-6)
 
 
 @dataclass
