@@ -9,18 +9,18 @@ one process; compare the two rows as a ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.workload import WorkloadRecord, load_workload
 
 
-def run(args, admission: bool, reqs: list[dict]) -> dict:
+def run(args, admission: bool, reqs: list[WorkloadRecord]) -> dict:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, num_kv_blocks=args.kv_blocks,
               enable_admission_control=admission, enable_prefix_caching=False)
     engine = llm.llm_engine
-    prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in reqs]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     steps0, preempt0 = engine.num_steps, engine.scheduler.num_preemptions
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=96, help="KV cache size in 16-token blocks")
     p.add_argument("--max-model-len", type=int, default=1024)
     args = p.parse_args()
-    reqs = [json.loads(line) for line in open(args.workload) if line.strip()]
+    reqs = load_workload(args.workload)
     rows = [run(args, admission, reqs) for admission in (False, True)]
     print(f"{'admission control':>18} {'seconds':>8} {'output tok/s':>13} {'preemptions':>12} {'steps':>6}")
     for r in rows:

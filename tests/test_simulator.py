@@ -13,8 +13,8 @@ from tokenmill.core.policy import POLICIES
 from tokenmill.engine.trace import StepRecord, read_trace
 from tokenmill.entrypoints.cli import main
 from tokenmill.sim.calibrate import calibration_plan, fit_cost_model
-from tokenmill.sim.simulator import (CostModel, WorkloadRecord, load_workload, make_arrivals, percentile,
-                                     simulate)
+from tokenmill.sim.simulator import CostModel, make_arrivals, percentile, simulate
+from tokenmill.workload import WorkloadRecord, load_workload
 
 
 def _workload(n: int, seed: int = 0, prompt=(8, 96), output=(2, 24), tenants: int = 1) -> list[WorkloadRecord]:
@@ -164,17 +164,41 @@ def test_kv_too_small_is_a_clear_error():
 
 
 def test_workload_file_errors(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt_token_ids": [1, 2], "max_tokens": 0}\n')
-    with pytest.raises(ValueError, match="max_tokens"):
-        load_workload(str(bad))
-    bad.write_text('{"prompt_token_ids": [], "max_tokens": 3}\n')
-    with pytest.raises(ValueError, match="prompt_token_ids"):
-        load_workload(str(bad))
+    path = tmp_path / "w.jsonl"
+    cases = [
+        ('{"prompt_token_ids": [1, 2], "max_tokens": 0}', r"w.jsonl:1: max_tokens must be a positive integer, got 0"),
+        ('{"prompt_token_ids": [1, 2]}', r"w.jsonl:1: max_tokens must be a positive integer, got None"),
+        ('\n{"prompt_token_ids": [], "max_tokens": 3}', r"w.jsonl:2: a request needs prompt_token_ids \(a non-empty list of integers\)$"),
+        ('{"prompt": "hi", "max_tokens": 3}', r"w.jsonl:1: a request needs prompt_token_ids"),
+        ('{"prompt_token_ids": [1, "2"], "max_tokens": 3}', r"w.jsonl:1: a request needs"),
+        ('{"prompt_token_ids": [1], "max_tokens": 3, "priority": "high"}', r"w.jsonl:1: priority must be an integer, got 'high'"),
+        ('[1, 2]', r"w.jsonl:1: a line must be a JSON object"),
+        ('{"prompt_token_ids": [1], ', r"w.jsonl:1: not JSON"),
+        ('\n\n', r"w.jsonl: the workload has no requests"),
+    ]
+    for text, message in cases:
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_workload(str(path))
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt_token_ids": [1, 2], "max_tokens": 3, "priority": 2, "tenant": "x"}\n\n'
                     '{"prompt_token_ids": [5], "max_tokens": 1}\n')
     assert load_workload(str(good)) == [WorkloadRecord([1, 2], 3, 2, "x"), WorkloadRecord([5], 1, 0, "default")]
+    assert load_workload(str(good), num_requests=1) == [WorkloadRecord([1, 2], 3, 2, "x")]
+
+
+def test_workload_text_prompts(tmp_path):
+    """Text prompts only where the reader allows them (the serving benchmark)."""
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "Hello there", "max_tokens": 4}\n{"prompt_token_ids": [7, 8], "max_tokens": 2}\n')
+    records = load_workload(str(path), allow_text=True)
+    assert records == [WorkloadRecord(None, 4, prompt="Hello there"), WorkloadRecord([7, 8], 2)]
+    assert [r.prompt_len for r in records] == [0, 2]
+    with pytest.raises(ValueError, match=r"w.jsonl:1: a request needs prompt_token_ids \(a non-empty list of integers\)$"):
+        load_workload(str(path))
+    path.write_text('{"prompt": "", "max_tokens": 4}\n')
+    with pytest.raises(ValueError, match=r"or prompt \(text\)"):
+        load_workload(str(path), allow_text=True)
 
 
 def test_cli_simulate_is_deterministic(tmp_path, capsys):

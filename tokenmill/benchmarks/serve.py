@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenmill.workload import load_workload
+
 
 @dataclass
 class WorkloadRequest:
@@ -43,23 +45,10 @@ class RequestResult:
     error: str = ""
 
 
-def load_workload(path: str) -> list[WorkloadRequest]:
-    requests = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if "prompt_token_ids" in rec:
-                prompt, prompt_len = rec["prompt_token_ids"], len(rec["prompt_token_ids"])
-            elif "prompt" in rec:
-                prompt, prompt_len = rec["prompt"], 0  # filled from the server's usage
-            else:
-                raise ValueError(f"{path}:{n}: a workload line needs prompt_token_ids or prompt")
-            requests.append(WorkloadRequest(prompt, prompt_len, int(rec.get("max_tokens", 128))))
-    if not requests:
-        raise ValueError(f"{path}: no requests")
-    return requests
+def load_requests(path: str) -> list[WorkloadRequest]:
+    """The workload's requests as sent: token ids, or text where a line gives `prompt` instead."""
+    return [WorkloadRequest(r.prompt_token_ids if r.prompt is None else r.prompt, r.prompt_len, r.max_tokens)
+            for r in load_workload(path, allow_text=True)]
 
 
 async def send_request(client, url: str, model: str, req: WorkloadRequest, headers: dict) -> RequestResult:
@@ -215,7 +204,7 @@ def format_report(m: dict) -> str:
 
 
 def main(args) -> int:
-    requests = load_workload(args.workload)
+    requests = load_requests(args.workload)
     if args.num_prompts:
         requests = requests[:args.num_prompts]
     metrics = asyncio.run(run_benchmark(

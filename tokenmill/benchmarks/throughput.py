@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from tokenmill.workload import load_workload
+
 # Fallback when /proc is not there: as early as this module can see (the CLI imports it lazily).
 _IMPORT_TIME = time.time()
 
@@ -41,22 +43,9 @@ def process_start_time() -> tuple[float, str]:
 
 
 def load_requests(path: str, num_prompts: int | None = None) -> list[dict]:
-    """Workload JSONL records as {"prompt_token_ids": [...], "max_tokens": k}."""
-    requests = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if "prompt_token_ids" not in rec or "max_tokens" not in rec:
-                raise ValueError(f"{path}:{n}: a workload line needs prompt_token_ids and max_tokens")
-            requests.append({"prompt_token_ids": [int(t) for t in rec["prompt_token_ids"]],
-                             "max_tokens": int(rec["max_tokens"])})
-    if num_prompts is not None:
-        requests = requests[:num_prompts]
-    if not requests:
-        raise ValueError(f"{path}: no requests")
-    return requests
+    """Workload records (tokenmill/workload.py) as {"prompt_token_ids": [...], "max_tokens": k}."""
+    return [{"prompt_token_ids": r.prompt_token_ids, "max_tokens": r.max_tokens}
+            for r in load_workload(path, num_prompts)]
 
 
 def warmup_prompts(n: int = 2, length: int = 16) -> list[list[int]]:

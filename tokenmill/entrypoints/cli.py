@@ -184,7 +184,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from tokenmill.config import EngineConfig
     from tokenmill.core.policy import POLICIES
     from tokenmill.sim.simulator import (DEFAULT_COST_MODEL, CostModel, format_comparison, format_result,
-                                         load_workload, make_arrivals, simulate)
+                                         make_arrivals, simulate)
+    from tokenmill.workload import load_workload
 
     policies = list(POLICIES) if args.policy == "all" else args.policy.split(",")
     records = load_workload(args.workload)

@@ -1,7 +1,7 @@
 """Scheduling simulator: the real Scheduler and KVCacheManager on a virtual clock, no model.
 
-A workload (JSONL records {"prompt_token_ids": [...], "max_tokens": k, "priority"?: int,
-"tenant"?: str}) arrives as a seeded Poisson process. Each step runs the real `schedule()`; the
+A workload (see tokenmill/workload.py: token-id prompts, max_tokens, optional priority and
+tenant) arrives as a seeded Poisson process. Each step runs the real `schedule()`; the
 model is replaced by a step-time cost model
 
     step time = a + b * (tokens in the step) + c * (context tokens of the scheduled requests)
@@ -29,6 +29,7 @@ from tokenmill.engine.timeline import write_arrivals
 from tokenmill.engine.trace import StepRecord, TraceWriter
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.workload import WorkloadRecord
 
 _FAKE_TOKEN = 0
 
@@ -65,38 +66,6 @@ class CostModel:
 # (204 steps, median error 6.4%, R^2 0.96). Read: ~27 ms per step, ~1.7 ms per token, ~5 us per
 # context token. (The previous fit, with the torch attention backend, read 46 ms, 1.6 ms, 20 us.)
 DEFAULT_COST_MODEL = CostModel(a=0.0273, b=0.00168, c=5.23e-6)
-
-
-@dataclass
-class WorkloadRecord:
-    prompt_token_ids: list[int]
-    max_tokens: int
-    priority: int = 0
-    tenant: str = "default"
-
-
-def load_workload(path: str) -> list[WorkloadRecord]:
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-            ids, max_tokens = d.get("prompt_token_ids"), d.get("max_tokens")
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-                raise ValueError(f"{path}:{lineno}: prompt_token_ids must be a non-empty list of integers")
-            if not isinstance(max_tokens, int) or max_tokens < 1:
-                raise ValueError(f"{path}:{lineno}: max_tokens must be a positive integer, got {max_tokens!r}")
-            priority = d.get("priority", 0)
-            if not isinstance(priority, int):
-                raise ValueError(f"{path}:{lineno}: priority must be an integer, got {priority!r}")
-            records.append(WorkloadRecord(ids, max_tokens, priority, str(d.get("tenant", "default"))))
-    if not records:
-        raise ValueError(f"{path}: the workload has no requests")
-    return records
 
 
 @dataclass
