@@ -435,6 +435,30 @@ def test_metrics_parse_and_counters_match(server, client, model):
     assert after[("tokenmill:num_preemptions_total", None)] >= 0
 
 
+def test_bench_serve_against_the_server(server, offline, tmp_path, capsys):
+    """`tokenmill bench serve` on a workload of token-id and text prompts: every request completes
+    with exactly its max_tokens, and the report counts what the server says it got."""
+    import json
+
+    from tokenmill.entrypoints.cli import main as cli_main
+
+    lines = [{"prompt_token_ids": ids(12), "max_tokens": 5}, {"prompt": "Hello there", "max_tokens": 3},
+             {"prompt_token_ids": ids(40), "max_tokens": 9}, {"prompt_token_ids": ids(7), "max_tokens": 1}]
+    workload, result = tmp_path / "w.jsonl", tmp_path / "result.json"
+    workload.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rc = cli_main(["bench", "serve", "--base-url", server.url, "--workload", str(workload), "--request-rate", "20",
+                   "--disable-tqdm", "--result-file", str(result)])
+    assert rc == 0
+    m = json.loads(result.read_text())
+    assert (m["completed"], m["failed"]) == (4, 0)
+    assert m["total_output_tokens"] == 5 + 3 + 9 + 1
+    assert m["total_input_tokens"] == 12 + 40 + 7 + len(offline.get_tokenizer().encode("Hello there"))
+    assert 0 < m["mean_ttft_ms"] <= m["mean_e2el_ms"]
+    assert m["p99_itl_ms"] > 0 and m["mean_tpot_ms"] > 0
+    assert "Successful requests:                     4" in capsys.readouterr().out
+    wait_idle(server)
+
+
 # ---- API key and the bounded queue (the second server) ---------------------------------------------
 
 def test_api_key(servers):

@@ -45,10 +45,10 @@ class RequestResult:
     error: str = ""
 
 
-def load_requests(path: str) -> list[WorkloadRequest]:
+def load_requests(path: str, num_prompts: int | None = None) -> list[WorkloadRequest]:
     """The workload's requests as sent: token ids, or text where a line gives `prompt` instead."""
     return [WorkloadRequest(r.prompt_token_ids if r.prompt is None else r.prompt, r.prompt_len, r.max_tokens)
-            for r in load_workload(path, allow_text=True)]
+            for r in load_workload(path, num_prompts, allow_text=True)]
 
 
 async def send_request(client, url: str, model: str, req: WorkloadRequest, headers: dict) -> RequestResult:
@@ -204,9 +204,7 @@ def format_report(m: dict) -> str:
 
 
 def main(args) -> int:
-    requests = load_requests(args.workload)
-    if args.num_prompts:
-        requests = requests[:args.num_prompts]
+    requests = load_requests(args.workload, args.num_prompts)
     metrics = asyncio.run(run_benchmark(
         args.base_url, requests, args.request_rate, args.max_concurrency, model=args.model,
         api_key=args.api_key, burstiness=args.burstiness, seed=args.seed,
