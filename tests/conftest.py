@@ -51,3 +51,27 @@ def tiny_qwen2_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(params=["tiny_llama_dir", "tiny_qwen2_dir"])
 def tiny_model_dir(request) -> Path:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """tokenmill's compiled CPU extension; skips (with the compiler's reason) where it can't be built."""
+    from tokenmill.models.layers.cpu_ops import load_extension
+
+    try:
+        module = load_extension()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    if not module.has_simd():
+        pytest.skip("the extension was compiled without AVX2/FMA")
+    return module
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads wherever the tests run, so the kernels' parallel split and the attention
+    plan's choices (which depend on the thread count) are the same everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

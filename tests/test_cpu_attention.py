@@ -14,28 +14,10 @@ import torch
 
 from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention, get_attention_backend
 from tokenmill.models.layers.cpu_attention import CpuPagedAttention
-from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
+from tokenmill.models.layers.cpu_ops import cpu_ops_available
 
 
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        module = load_extension()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    if not module.has_simd():
-        pytest.skip("the extension was compiled without AVX2/FMA")
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    """Two threads wherever the tests run, so the parallel split and the plan's choices (which
-    depend on the thread count) are the same everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):

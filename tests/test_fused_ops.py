@@ -12,28 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.models.layers.cpu_ops import load_extension
 from tokenmill.models.layers.norm import RMSNorm
 from tokenmill.models.layers.rotary import RotaryEmbedding
 
 
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        module = load_extension()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    if not module.has_simd():
-        pytest.skip("the extension was compiled without AVX2/FMA")
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 DTYPES = [torch.float32, torch.bfloat16]

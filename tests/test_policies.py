@@ -106,8 +106,8 @@ def test_priority_order_and_preemption_of_lower_priority():
     for _ in range(3):
         sim.step()
     assert low.status == RequestStatus.RUNNING
-    high = sim.add("high", prompt_len=8, max_tokens=3, priority=0, arrival=1.0)
-    mid = sim.add("mid", prompt_len=8, max_tokens=3, priority=2, arrival=0.5)
+    sim.add("high", prompt_len=8, max_tokens=3, priority=0, arrival=1.0)
+    sim.add("mid", prompt_len=8, max_tokens=3, priority=2, arrival=0.5)
     out = sim.step()
     # max_num_seqs is reached: the lowest-priority running request makes room for the best waiting one.
     assert out.preempted_ids == ["low"] and [s.request_id for s in out.scheduled] == ["high"]

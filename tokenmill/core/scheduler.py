@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager, cdiv
+from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import SchedulingPolicy
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
