@@ -141,6 +141,15 @@ def test_batch_mixed_lengths(request, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_torch_attention_backend(request, name):
+    """attention_backend="torch" with the fused elementwise kernels (where the extension builds)."""
+    model_dir, prompts, max_tokens, ignore_eos = _setup(request, name)
+    llm, _ = _case(model_dir, prompts, max_tokens, ignore_eos, attention_backend="torch",
+                   **_default_args(name, model_dir))
+    assert llm.llm_engine.runner.backend.name == "torch"
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_plain_pytorch(request, name, monkeypatch):
     """Where tokenmill's CPU extension can't be built: torch attention, torch RMSNorm / SiLU / RoPE."""
     import tokenmill.engine.llm_engine as llm_engine
