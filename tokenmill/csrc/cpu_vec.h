@@ -1,4 +1,4 @@
-// Small helpers shared by the CPU kernels: float32 / bfloat16 conversion, and AVX2 loads, stores
+// Small helpers shared by the CPU kernels: float32 / bfloat16 conversion, and AVX2 loads, sums
 // and exp where the compiler targets AVX2 + FMA (TM_HAVE_AVX2).
 #pragma once
 
@@ -27,18 +27,6 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-// Round to nearest even, like c10::BFloat16's constructor (NaN stays NaN).
-inline void store8(bf16* p, __m256 v) {
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
 // exp(x) for x <= 88: Cephes expf (range reduction by ln 2, degree-6 polynomial), ~1-2 ulp.

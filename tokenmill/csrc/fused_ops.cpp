@@ -43,9 +43,6 @@ constexpr int64_t kGrainElems = 1 << 15;
 
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_elems, 1)); }
 
-template <typename T>
-inline T round_to(float x) { return from_float<T>(x); }
-
 // sum of squares of one row, in float32
 template <typename T>
 inline float sum_squares(const T* x, int64_t n) {
@@ -80,7 +77,7 @@ inline void norm_row(const T* x, const T* w, T* out, int64_t n, float eps) {
       _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
 #endif
   }
-  for (; i < n; ++i) out[i] = round_to<T>(to_float(w[i]) * to_float(round_to<T>(to_float(x[i]) * r)));
+  for (; i < n; ++i) out[i] = from_float<T>(to_float(w[i]) * to_float(from_float<T>(to_float(x[i]) * r)));
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -111,7 +108,7 @@ void silu_mul_row(const T* g, const T* u, T* out, int64_t n) {
   }
   for (; i < n; ++i) {
     const float x = to_float(g[i]);
-    out[i] = round_to<T>(to_float(round_to<T>(x / (1.f + std::exp(-x)))) * to_float(u[i]));
+    out[i] = from_float<T>(to_float(from_float<T>(x / (1.f + std::exp(-x)))) * to_float(u[i]));
   }
 }
 
@@ -135,12 +132,12 @@ inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
   for (; i < half; ++i) {
     // The tables are float32; HF casts them to the activations' dtype first.
     const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
-    const float c1 = to_float(round_to<T>(c[i])), s1 = to_float(round_to<T>(s[i]));
-    const float c2 = to_float(round_to<T>(c[half + i])), s2 = to_float(round_to<T>(s[half + i]));
-    const float a = to_float(round_to<T>(x1 * c1)), b = to_float(round_to<T>(x2 * s1));
-    const float e = to_float(round_to<T>(x2 * c2)), f = to_float(round_to<T>(x1 * s2));
-    x[i] = round_to<T>(a - b);
-    x[half + i] = round_to<T>(e + f);
+    const float c1 = to_float(from_float<T>(c[i])), s1 = to_float(from_float<T>(s[i]));
+    const float c2 = to_float(from_float<T>(c[half + i])), s2 = to_float(from_float<T>(s[half + i]));
+    const float a = to_float(from_float<T>(x1 * c1)), b = to_float(from_float<T>(x2 * s1));
+    const float e = to_float(from_float<T>(x2 * c2)), f = to_float(from_float<T>(x1 * s2));
+    x[i] = from_float<T>(a - b);
+    x[half + i] = from_float<T>(e + f);
   }
 }
 
@@ -193,7 +190,7 @@ void fused_add_rms_norm(torch::Tensor& x, torch::Tensor& residual, const torch::
           for (; i + 8 <= n; i += 8) _mm256_storeu_ps(rr + i, _mm256_add_ps(_mm256_loadu_ps(rr + i), _mm256_loadu_ps(xr + i)));
 #endif
         }
-        for (; i < n; ++i) rr[i] = round_to<T>(to_float(rr[i]) + to_float(xr[i]));
+        for (; i < n; ++i) rr[i] = from_float<T>(to_float(rr[i]) + to_float(xr[i]));
         norm_row(rr, wp, xr, n, static_cast<float>(eps));
       }
     });
