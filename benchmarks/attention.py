@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention
+from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention, kv_cache_shape
 from tokenmill.models.layers.cpu_attention import CpuPagedAttention
 
 H, KVH, D, BLOCK = 9, 3, 64, 16
@@ -40,7 +40,7 @@ def make_step(specs, dtype, num_layers, seed=0):
         qsl.append(qsl[-1] + n)
         seq_lens.append(ctx + n)
     t = qsl[-1]
-    caches = [torch.randn(2, num_blocks, BLOCK, KVH, D, generator=g).to(dtype) for _ in range(num_layers)]
+    caches = [torch.randn(kv_cache_shape(num_blocks, BLOCK, KVH, D), generator=g).to(dtype) for _ in range(num_layers)]
     q = torch.randn(t, H, D, generator=g).to(dtype)
     k = torch.randn(t, KVH, D, generator=g).to(dtype)
     v = torch.randn(t, KVH, D, generator=g).to(dtype)

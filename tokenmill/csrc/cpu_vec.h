@@ -1,17 +1,18 @@
-// Small helpers shared by the CPU kernels: float32 / bfloat16 conversion, and AVX2 loads, sums
-// and exp where the compiler targets AVX2 + FMA (TM_HAVE_AVX2).
+// The CPU kernels' one vector type, as wide as the CPU the extension is compiled for.
+//
+// `vfloat` is a GCC/Clang vector extension of kLanes float32 lanes: 16 (one zmm register) where
+// the compiler targets AVX-512, 8 (ymm) with AVX2 or AVX, 4 otherwise (SSE / NEON, or scalar code
+// where there is no SIMD at all). The extension is built with -march=native, so the same source
+// becomes AVX-512 code on an AVX-512 machine and AVX2 code on an AVX2-only one, and every path
+// runs, and is tested, on whichever machine runs the tests. Arithmetic, comparisons and `?:` work
+// lane-wise on these types; this header adds loads and stores (bfloat16 widened with a shift and
+// narrowed with round-to-nearest-even, exactly as c10::BFloat16 does), exp, and reductions.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TM_HAVE_AVX2 1
-#else
-#define TM_HAVE_AVX2 0
-#endif
+#include <cstring>
 
 namespace tokenmill {
 
@@ -21,43 +22,113 @@ inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) { return static_cast<float>(x); }
 template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
 
-#if TM_HAVE_AVX2
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+typedef float vfloat __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vint __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vuint __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vhalf __attribute__((vector_size(kLanes * 2)));
+
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// exp(x) for x <= 88: Cephes expf (range reduction by ln 2, degree-6 polynomial), ~1-2 ulp.
-// Inputs below ln(FLT_MIN), -inf included, give exactly 0; inputs above 88.38 give exp(88.38).
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654475f);
-  __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(underflow, y);
+inline vfloat load(const bf16* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<vfloat>(__builtin_convertvector(h, vuint) << 16);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+// The bf16 bits of each lane: round to nearest even, NaN to the quiet NaN 0x7FC0 (c10::BFloat16's
+// float -> bf16 conversion).
+inline vuint bf16_bits(vfloat v) {
+  const vuint u = reinterpret_cast<vuint>(v);
+  const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? vuint{} + 0x7FC0u : rounded;
 }
 
-#endif  // TM_HAVE_AVX2
+inline void store(bf16* p, vfloat v) {
+  const vhalf h = __builtin_convertvector(bf16_bits(v), vhalf);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// The value a store to T keeps, as float: lane-wise rounding to T's precision.
+inline vfloat round_to(const float*, vfloat v) { return v; }
+inline vfloat round_to(const bf16*, vfloat v) { return reinterpret_cast<vfloat>(bf16_bits(v) << 16); }
+
+// The first n < kLanes elements of p (the rest 0), and their store: the tails of rows whose
+// length is not a multiple of kLanes run through the same vector code as the rest.
+template <typename T>
+inline vfloat load_partial(const T* p, int64_t n) {
+  T tmp[kLanes] = {};
+  std::memcpy(tmp, p, n * sizeof(T));
+  return load(tmp);
+}
+
+template <typename T>
+inline void store_partial(T* p, vfloat v, int64_t n) {
+  T tmp[kLanes];
+  store(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(T));
+}
+
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+
+// The lanes' indices 0, 1, ..., kLanes - 1.
+inline vfloat lane_index() {
+  vfloat v{};
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(i);
+  return v;
+}
+
+// Lane-wise op(v, v rotated by half the lanes), halving the distinct lanes each time, so a
+// reduction is log2(kLanes) vector steps rather than kLanes scalar ones.
+template <typename Op>
+inline float reduce(vfloat v, Op op) {
+  for (int half = kLanes / 2; half >= 1; half /= 2) {
+    vint idx{};
+    for (int i = 0; i < kLanes; ++i) idx[i] = (i + half) % kLanes;
+    v = op(v, __builtin_shuffle(v, idx));
+  }
+  return v[0];
+}
+
+inline float reduce_add(vfloat v) { return reduce(v, [](vfloat a, vfloat b) { return a + b; }); }
+inline float reduce_max(vfloat v) { return reduce(v, [](vfloat a, vfloat b) { return vmax(a, b); }); }
+
+// exp(x) lane-wise for x <= 88: Cephes expf (range reduction by ln 2, degree-6 polynomial),
+// ~1-2 ulp. Inputs below ln(FLT_MIN), -inf included, give exactly 0; above 88.38, exp(88.38).
+inline vfloat vexp(vfloat x) {
+  const vint underflow = x < -87.33654475f;
+  x = vmin(vmax(x, splat(-87.33654475f)), splat(88.3762626647949f));
+  // Round x / ln 2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits.
+  const vfloat magic = splat(12582912.f);
+  const vfloat fx = (x * 1.44269504088896341f + magic) - magic;
+  x = x - fx * 0.693359375f;
+  x = x - fx * -2.12194440e-4f;
+  vfloat y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * (x * x) + (x + 1.f);
+  const vint e = (__builtin_convertvector(fx, vint) + 127) << 23;
+  y = y * reinterpret_cast<vfloat>(e);
+  return underflow ? vfloat{} : y;
+}
 
 }  // namespace tokenmill

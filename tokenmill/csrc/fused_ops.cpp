@@ -13,12 +13,22 @@
 //     the tensor dtype, as separate torch ops would. FMA contraction is off for this file (the
 //     pragmas below), so the compiler does not fuse a product and a sum into one FMA (one
 //     rounding instead of two). It stays on for the attention kernel's tile path, which it speeds up.
-// float32 has AVX2 paths (the activations of a float32 model); bfloat16 takes the portable loops
-// (rounding each intermediate through c10::BFloat16).
+// Both dtypes run the same vector code (cpu_vec.h: as wide as the CPU the extension is built for):
+// bf16 is widened to float32 on load and rounded to nearest even on store and at each rounding
+// point above, so no loop on the hot path is scalar. Row tails that are not a whole vector go
+// through the same code on a zero-padded copy.
 //
 // Rows are split over at::parallel_for threads in grains of at least kGrainElems elements: a
 // decode step's rows (a few dozen x hidden size) stay on one thread, where waking the pool
 // would cost more than the pass itself.
+
+// FMA contraction off for this whole translation unit (before any include, so that every inline
+// function it calls is compiled the same way and inlines).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <torch/extension.h>
 
@@ -26,15 +36,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu_vec.h"
 #include "ops.h"
-
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 namespace tokenmill {
 namespace {
@@ -43,41 +48,47 @@ constexpr int64_t kGrainElems = 1 << 15;
 
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_elems, 1)); }
 
-// sum of squares of one row, in float32
+// body(i, w) for the vectors of [0, n): w == kLanes, then one partial vector (w < kLanes) if any.
+template <typename Body>
+inline void for_vectors(int64_t n, Body&& body) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) body(i, kLanes);
+  if (i < n) body(i, n - i);
+}
+
+template <typename T>
+inline vfloat ld(const T* p, int64_t w) { return w == kLanes ? load(p) : load_partial(p, w); }
+
+template <typename T>
+inline void st(T* p, vfloat v, int64_t w) {
+  if (w == kLanes) store(p, v);
+  else store_partial(p, v, w);
+}
+
+// sum of squares of one row, in float32 (two vector accumulators, then across the lanes)
 template <typename T>
 inline float sum_squares(const T* x, int64_t n) {
+  vfloat acc0{}, acc1{};
   int64_t i = 0;
-  float s = 0.f;
-#if TM_HAVE_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    const __m256 a = load8(x + i), b = load8(x + i + 8);
-    acc0 = _mm256_fmadd_ps(a, a, acc0);
-    acc1 = _mm256_fmadd_ps(b, b, acc1);
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const vfloat a = load(x + i), b = load(x + i + kLanes);
+    acc0 += a * a;
+    acc1 += b * b;
   }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 a = load8(x + i);
-    acc0 = _mm256_fmadd_ps(a, a, acc0);
-  }
-  s = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; i < n; ++i) s += to_float(x[i]) * to_float(x[i]);
-  return s;
+  for_vectors(n - i, [&](int64_t j, int64_t w) {
+    const vfloat a = ld(x + i + j, w);
+    acc0 += a * a;
+  });
+  return reduce_add(acc0 + acc1);
 }
 
 // out = w * T(x * r), r = 1 / sqrt(mean(x^2) + eps)
 template <typename T>
 inline void norm_row(const T* x, const T* w, T* out, int64_t n, float eps) {
   const float r = 1.f / std::sqrt(sum_squares(x, n) / static_cast<float>(n) + eps);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-#if TM_HAVE_AVX2
-    const __m256 rv = _mm256_set1_ps(r);
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
-#endif
-  }
-  for (; i < n; ++i) out[i] = from_float<T>(to_float(w[i]) * to_float(from_float<T>(to_float(x[i]) * r)));
+  for_vectors(n, [&](int64_t i, int64_t wd) {
+    st(out + i, ld(w + i, wd) * round_to(x, ld(x + i, wd) * r), wd);
+  });
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -93,52 +104,31 @@ void check_weight(const torch::Tensor& w, const torch::Tensor& x) {
               "weight must be a contiguous 1-d CPU tensor of the input's dtype and hidden size (", x.size(1), ")");
 }
 
+// out = T(T(silu(g)) * u)
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* out, int64_t n) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-#if TM_HAVE_AVX2
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      const __m256 x = _mm256_loadu_ps(g + i);
-      const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-    }
-#endif
-  }
-  for (; i < n; ++i) {
-    const float x = to_float(g[i]);
-    out[i] = from_float<T>(to_float(from_float<T>(x / (1.f + std::exp(-x)))) * to_float(u[i]));
-  }
+  for_vectors(n, [&](int64_t i, int64_t w) {
+    const vfloat x = ld(g + i, w);
+    const vfloat silu = round_to(g, x / (1.f + vexp(-x)));
+    st(out + i, silu * ld(u + i, w), w);
+  });
 }
 
-// One head of one token: x[i], x[i + half] -> x * c - x2 * s, x2 * c' + x * s'.
+// One head of one token: x[i], x[i + half] -> x * c - x2 * s, x2 * c' + x * s', each product and
+// the sum rounded to T; the float32 tables are first rounded to T (HF casts them to the
+// activations' dtype).
 template <typename T>
 inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-#if TM_HAVE_AVX2
-    for (; i + 8 <= half; i += 8) {
-      const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
-      const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
-                                      _mm256_mul_ps(x2, _mm256_loadu_ps(s + i)));
-      const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
-                                      _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i)));
-      _mm256_storeu_ps(x + i, o1);
-      _mm256_storeu_ps(x + half + i, o2);
-    }
-#endif
-  }
-  for (; i < half; ++i) {
-    // The tables are float32; HF casts them to the activations' dtype first.
-    const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
-    const float c1 = to_float(from_float<T>(c[i])), s1 = to_float(from_float<T>(s[i]));
-    const float c2 = to_float(from_float<T>(c[half + i])), s2 = to_float(from_float<T>(s[half + i]));
-    const float a = to_float(from_float<T>(x1 * c1)), b = to_float(from_float<T>(x2 * s1));
-    const float e = to_float(from_float<T>(x2 * c2)), f = to_float(from_float<T>(x1 * s2));
-    x[i] = from_float<T>(a - b);
-    x[half + i] = from_float<T>(e + f);
-  }
+  const T* tag = x;
+  for_vectors(half, [&](int64_t i, int64_t w) {
+    const vfloat x1 = ld(x + i, w), x2 = ld(x + half + i, w);
+    const vfloat c1 = round_to(tag, ld(c + i, w)), s1 = round_to(tag, ld(s + i, w));
+    const vfloat c2 = round_to(tag, ld(c + half + i, w)), s2 = round_to(tag, ld(s + half + i, w));
+    const vfloat o1 = round_to(tag, x1 * c1) - round_to(tag, x2 * s1);
+    const vfloat o2 = round_to(tag, x2 * c2) + round_to(tag, x1 * s2);
+    st(x + i, o1, w);
+    st(x + half + i, o2, w);
+  });
 }
 
 template <typename Fn>
@@ -184,13 +174,7 @@ void fused_add_rms_norm(torch::Tensor& x, torch::Tensor& residual, const torch::
       for (int64_t r = b; r < e; ++r) {
         T* xr = xp + r * n;
         T* rr = rp + r * n;
-        int64_t i = 0;
-        if constexpr (std::is_same_v<T, float>) {
-#if TM_HAVE_AVX2
-          for (; i + 8 <= n; i += 8) _mm256_storeu_ps(rr + i, _mm256_add_ps(_mm256_loadu_ps(rr + i), _mm256_loadu_ps(xr + i)));
-#endif
-        }
-        for (; i < n; ++i) rr[i] = from_float<T>(to_float(rr[i]) + to_float(xr[i]));
+        for_vectors(n, [&](int64_t i, int64_t w) { st(rr + i, ld(rr + i, w) + ld(xr + i, w), w); });
         norm_row(rr, wp, xr, n, static_cast<float>(eps));
       }
     });

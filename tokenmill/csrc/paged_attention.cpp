@@ -1,56 +1,53 @@
 // Paged attention for the CPU over one step's ragged batch, reading K/V straight from the paged
 // cache through the block tables (no per-request gather, no padding).
 //
-// Layouts (element strides; the last dimension of every tensor is contiguous):
-//   q           [T, H, D]                         the step's new tokens, all requests concatenated
-//   kv_cache    [2, num_blocks, block_size, KVH, D]  0 = keys, 1 = values
-//   block_tables[R, max_blocks]  int32 or int64   physical block of each logical block
-//   query_start_loc [R + 1], seq_lens [R]  int32  request i owns rows qsl[i]:qsl[i+1]; seq_lens[i]
-//                                                 is its context length after this step
+// Layouts (element strides; the last dimension of q is contiguous):
+//   q           [T, H, D]                        the step's new tokens, all requests concatenated
+//   kv_cache    [2, num_blocks, KVH, BS * D]     per block and KV head, 0 = keys stored transposed
+//                                                ([D][BS]: dim d of the block's BS keys adjacent),
+//                                                1 = values ([BS][D]: one row per key)
+//   block_tables[R, max_blocks]  int32 or int64  physical block of each logical block
+//   query_start_loc [R + 1], seq_lens [R]  int32 request i owns rows qsl[i]:qsl[i+1]; seq_lens[i]
+//                                                is its context length after this step
 //   out         [T, H, D]
 // Query j of request i sits at position seq_lens[i] - q_len + j and attends to keys 0..position.
 // GQA: query head h reads KV head h / group (H = KVH * group), like SDPA's enable_gqa.
 //
+// Why keys are transposed: a decode row's scores for a block are then a vector over the block's
+// keys, sum_d q[d] * K^T[d][keys], one broadcast-FMA per dimension with no horizontal sum, and
+// the values a vector over dimensions, sum_key p[key] * V[key][dims]. Both passes read every K/V
+// byte of the block once for all the query heads of a KV head, contiguously (a block's K for one
+// head is D * BS elements in a row, its V the same), and the next block is prefetched while this
+// one is computed: decode attention runs at memory speed.
+//
 // Work split. plan() cuts the batch into work items (request, first query, query count, first KV
 // head, KV heads). A decode token or a short chunk (at most kRowPathMax query rows per KV head) is
-// one item, covering all KV heads when the batch has enough such items to keep the threads busy
-// (a token's rows for all heads are contiguous in the cache), else one item per KV head. A longer
-// chunk is cut into query tiles of about kTileRows rows (tokens x the group's query heads), one
-// item per KV head. The items are sorted by estimated cost (rows x keys), longest first, and the
-// threads of one at::parallel_for take them one at a time from an atomic counter, so the load
-// stays balanced whatever mix of decodes and prompt chunks the step holds. Every item owns its
-// output rows: no synchronisation besides the counter. The plan depends only on the step, so
-// the backend builds it once per step and every layer reuses it.
+// one item, covering all KV heads when the batch has enough such items to keep the threads busy,
+// else one item per KV head. A longer chunk is cut into query tiles of about kTileRows rows
+// (tokens x the group's query heads), one item per KV head. The items are sorted by estimated
+// cost (rows x keys), longest first, and the threads of one at::parallel_for take them one at a
+// time from an atomic counter, so the load stays balanced whatever mix of decodes and prompt
+// chunks the step holds. Every item owns its output rows: no synchronisation besides the
+// counter. The plan depends only on the step, so the backend builds it once per step and every
+// layer reuses it.
 //
-// Inside an item the keys are walked in tiles of kKeyTile positions (a tile may straddle blocks:
-// each key's row pointer comes from the block table) with an online (flash-style) softmax in
-// float32: running max m, running sum l, accumulator acc, rescaled by exp(m_old - m_new) per tile.
-// All the query heads of a KV head are processed together, so a K/V row loaded once serves
-// `group` query rows (decode) or the whole query tile (prefill).
-//
+// Inside an item the keys are walked block by block with an online (flash-style) softmax in
+// float32: running max m, running sum l, accumulator acc, rescaled by exp(m_old - m_new) per block.
 // Two inner kernels, by the number of query rows of the item:
-//   * row path (decode tokens, very short chunks). Scores are dot products: 3 query rows x 4 keys
-//     in 12 AVX2 accumulators over D, reduced with a hadd tree; the value pass keeps 3 rows x 24
-//     output lanes (or 2 x 32) in registers while it streams the V rows. K and V are read in
-//     place from the cache (bf16 widened on load). This path is bound by memory traffic: every
-//     K/V row is read once per step and layer, against the torch backend's gather (read + write)
-//     and SDPA (read again).
-//   * tile path (prompt chunks). GEMM-like, with the query rows along the vector lanes: Q is
-//     packed transposed and pre-scaled once per item (Q^T [D][M]); the scores S^T[key][row] =
-//     sum_d K[key][d] Q^T[d][row] come from a 4-key x 24-row register block (broadcast K, load
-//     Q^T: 12 accumulators); the softmax is then purely vertical (row-wise max and sum run across
-//     the key rows of S^T: no horizontal reductions; the causal mask, a vector compare of
-//     positions, only on tiles that cross the diagonal); the value pass O^T[d][row] += V[key][d]
-//     P^T[key][row] uses the same 4 x 24 block. Only Q^T and the output change layout, once per
-//     item; keys past a row's position are never computed beyond the diagonal tile.
-//     SDPA is not used for long chunks: measured on SmolLM2's shapes (1 thread, float32) the
-//     tile path was faster than the torch backend for every chunk size tried -- 4 x 256 fresh
-//     tokens 6.5 ms vs 12 ms, 1 x 1024 22.5 vs 41, 4 x 256 after 256 cached 17.5 vs 22 --
-//     because it skips the masked half of a causal chunk that SDPA with an explicit mask
-//     computes, and needs no gather.
-// Both are written with AVX2 + FMA intrinsics (compiled with -march=native); a plain scalar
-// reference implementation (same online softmax, one row and one key at a time) is used when the
-// compiler has no AVX2/FMA, and is exposed to the tests through simd=False.
+//   * row path (decode tokens, very short chunks): as above, the query rows packed and pre-scaled
+//     in float32, scores and values in registers, K/V read in place from the cache (bf16 widened on
+//     load).
+//   * tile path (prompt chunks): GEMM-like, with the query rows along the vector lanes: Q is
+//     packed transposed and pre-scaled once per item (Q^T [D][M]); the block's keys are widened
+//     to float rows ([key][D], from the transposed layout) and its values ([key][D]); the scores
+//     S^T[key][row] come from a 4-key x 3-vector register block (broadcast K, load Q^T); the
+//     softmax is then purely vertical (row-wise max and sum run across the key rows of S^T: no
+//     horizontal reductions; the causal mask, a vector compare of positions, only on blocks that
+//     cross the diagonal); the value pass O^T[d][row] += V[key][d] P^T[key][row] uses the same
+//     register block. Keys past a row's position are never computed beyond the diagonal block.
+// Both are written on cpu_vec.h's vector type, so they are AVX-512 code on an AVX-512 machine
+// and AVX2 code on an AVX2 one. A plain scalar reference implementation (same online softmax, one
+// row and one key at a time) is exposed to the tests through simd=False.
 //
 // Numerics: float32 accumulation everywhere (bf16 inputs are widened exactly, outputs rounded to
 // nearest even once); exp is a Cephes-style polynomial with ~1-2 ulp error. Float32 outputs match
@@ -77,10 +74,6 @@
 namespace tokenmill {
 namespace {
 
-// Sizes chosen by measurement on a 2-core Zen 3 (AVX2), SmolLM2-135M shapes (9 heads, 3 KV heads,
-// head_dim 64): a key tile of 32 was no faster than 16 in either path; tile-path items of 48 query
-// rows beat 24, 64, 72 and 96 (Q^T and O^T, 12 KB each, stay in L1 beside the K/V rows).
-constexpr int kKeyTile = 16;     // keys per online-softmax step (a multiple of 4)
 constexpr int kRowPathMax = 8;   // items with at most this many query rows per KV head take the row path
 constexpr int kTileRows = 48;    // target query rows (tokens x group) of a tile-path item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -95,8 +88,8 @@ struct Problem {
   int64_t q_st, q_sh;  // token and head strides of q
   const T* k_cache;    // kv_cache[0]
   const T* v_cache;    // kv_cache[1]
-  int64_t blk_st;      // block stride  = block_size * KVH * D
-  int64_t tok_st;      // token stride  = KVH * D
+  int64_t blk_st;      // block stride = KVH * BS * D
+  int64_t head_st;     // KV head stride within a block = BS * D
   const I* tables;
   int64_t table_st;
   const int32_t* qsl;
@@ -105,6 +98,9 @@ struct Problem {
   int64_t o_st, o_sh;
   int num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
+
+  const T* keys(int64_t block, int h) const { return k_cache + block * blk_st + h * head_st; }  // [D][BS]
+  const T* values(int64_t block, int h) const { return v_cache + block * blk_st + h * head_st; }  // [BS][D]
 };
 
 // One item's geometry: query tokens j0 .. j0 + qn of request req, KV heads h0 .. h0 + nh. Row m
@@ -142,73 +138,71 @@ inline T* out_row(const Problem<T, I>& p, const Item& x, int h, int m) {
   return p.out + (x.t0 + j) * p.o_st + (h * p.group + g) * p.o_sh;
 }
 
-// Row pointers of keys [k0, k0 + n) of the item's request at its first KV head h0 (head h0 + i is
-// D * i further), walking the block table (one table lookup per block, no division per key).
 template <typename T, typename I>
-inline void key_rows(const Problem<T, I>& p, const Item& x, int k0, int n, const T** kp, const T** vp) {
-  const I* table = p.tables + x.req * p.table_st;
-  int blk = k0 / p.block_size, off = k0 % p.block_size;
-  int64_t base = static_cast<int64_t>(table[blk]) * p.blk_st + x.h0 * p.head_dim;
-  for (int c = 0; c < n; ++c) {
-    if (off == p.block_size) {
-      off = 0;
-      base = static_cast<int64_t>(table[++blk]) * p.blk_st + x.h0 * p.head_dim;
-    }
-    const int64_t row = base + off * p.tok_st;
-    kp[c] = p.k_cache + row;
-    vp[c] = p.v_cache + row;
-    ++off;
-  }
+inline int64_t block_of(const Problem<T, I>& p, const Item& x, int kb) {
+  return static_cast<int64_t>(p.tables[x.req * p.table_st + kb]);
+}
+
+// The first n elements of p (n <= kLanes; a whole vector when n == kLanes).
+template <typename T>
+inline vfloat ld(const T* p, int n) { return n == kLanes ? load(p) : load_partial(p, n); }
+
+template <typename T>
+inline void st(T* p, vfloat v, int n) {
+  if (n == kLanes) store(p, v);
+  else store_partial(p, v, n);
+}
+
+// Prefetch bytes [p, p + n) into the cache, one line at a time.
+inline void prefetch(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
-  std::vector<float> a, b, s, m, l, corr, lsum, kpack, vpack;
+  std::vector<float> a, b, s, m, l, corr, kpack, vpack;
   std::vector<int32_t> pos;
-  void reserve(int64_t rows, int64_t d) {
-    int64_t rp = round_up(std::max<int64_t>(rows, 1), 16);
+  void reserve(int64_t rows, int64_t d, int64_t bs) {
+    const int64_t rp = round_up(std::max<int64_t>(rows, 1), kLanes), dp = round_up(d, kLanes);
+    const int64_t bp = round_up(bs, kLanes);
     auto grow = [](std::vector<float>& v, int64_t n) { if ((int64_t)v.size() < n) v.resize(n); };
-    grow(a, rp * d);
-    grow(b, rp * d);
-    grow(s, rp * kKeyTile);
+    grow(a, rp * dp);
+    grow(b, rp * dp);
+    grow(s, rp * bp);
     grow(m, rp);
     grow(l, rp);
     grow(corr, rp);
-    grow(lsum, rp);
-    grow(kpack, kKeyTile * d);
-    grow(vpack, kKeyTile * d);
+    grow(kpack, bp * dp);
+    grow(vpack, bp * dp);
     if ((int64_t)pos.size() < rp) pos.resize(rp);
   }
 };
 
-// ---- scalar reference (portable fallback, and the tests' second opinion) ---------------------
+// ---- scalar reference (the tests' second opinion) ------------------------------------------
 
 template <typename T, typename I>
 void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
-  const int D = p.head_dim;
-  const T* kp[kKeyTile];
-  const T* vp[kKeyTile];
+  const int D = p.head_dim, BS = p.block_size;
   float* acc = sc.a.data();
   for (int h = x.h0; h < x.h0 + x.nh; ++h) {
-    const int64_t off = (h - x.h0) * D;
     for (int m = 0; m < x.rows; ++m) {
       const T* q = q_row(p, x, h, m);
       const int pos = x.pos0 + m / p.group;
       float mx = kNegInf, l = 0.f;
       std::fill(acc, acc + D, 0.f);
-      for (int k0 = 0; k0 <= pos; k0 += kKeyTile) {
-        const int n = std::min(kKeyTile, pos + 1 - k0);
-        key_rows(p, x, k0, n, kp, vp);
-        for (int c = 0; c < n; ++c) {
-          float s = 0.f;
-          for (int d = 0; d < D; ++d) s += to_float(q[d]) * to_float(kp[c][off + d]);
-          s *= p.scale;
-          const float mnew = std::max(mx, s);
-          const float corr = std::exp(mx - mnew), e = std::exp(s - mnew);
-          l = l * corr + e;
-          for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * to_float(vp[c][off + d]);
-          mx = mnew;
-        }
+      for (int key = 0; key <= pos; ++key) {
+        const int64_t blk = block_of(p, x, key / BS);
+        const T* kt = p.keys(blk, h) + key % BS;
+        const T* v = p.values(blk, h) + (key % BS) * D;
+        float s = 0.f;
+        for (int d = 0; d < D; ++d) s += to_float(q[d]) * to_float(kt[d * BS]);
+        s *= p.scale;
+        const float mnew = std::max(mx, s);
+        const float corr = std::exp(mx - mnew), e = std::exp(s - mnew);
+        l = l * corr + e;
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * to_float(v[d]);
+        mx = mnew;
       }
       T* o = out_row(p, x, h, m);
       for (int d = 0; d < D; ++d) o[d] = from_float<T>(acc[d] / l);
@@ -216,332 +210,314 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   }
 }
 
-#if TM_HAVE_AVX2
-
-// ---- AVX2 helpers ----------------------------------------------------------------------------
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// [sum(a), sum(b), sum(c), sum(d)]
-inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
 // ---- row path: few query rows (decode tokens, tiny chunks) -----------------------------------
 
-// s[r * kKeyTile + c] = q_r . k_c for R rows (packed float, stride D) and keys c < n; the key rows
-// are kp[c] + off.
-template <int R, typename T>
-inline void row_scores(const float* q, int D, const T* const* kp, int64_t off, int n, float* s) {
-  const int D8 = D & ~7;
-  for (int c0 = 0; c0 < n; c0 += 4) {
-    const T* k[4];
-    for (int i = 0; i < 4; ++i) k[i] = kp[std::min(c0 + i, n - 1)] + off;  // pad with a repeat
-    // Every loop over the accumulators is unrolled: an index the compiler cannot resolve makes
-    // it keep the whole array in memory (a store per FMA).
-    __m256 acc[R][4];
+// s[r * SP + c] = q_r . k_c for R rows (packed float, stride DP, pre-scaled) and the block's keys
+// c < BS, from the block's transposed keys kt [D][BS]. NA accumulators per row, over alternate
+// dimensions, so that the FMA latency does not bound the loop (R * NA independent chains).
+template <int R, bool kFull, typename T>
+inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int SP, float* s) {
+  constexpr int NA = kLanes >= 16 ? (R <= 2 ? 4 : 2) : (R <= 2 ? 2 : 1);
+  for (int c0 = 0; c0 < BS; c0 += kLanes) {
+    const int w = kFull ? kLanes : std::min(kLanes, BS - c0);
+    vfloat acc[NA][R];
     TM_UNROLL
-    for (int r = 0; r < R; ++r)
+    for (int a = 0; a < NA; ++a)
       TM_UNROLL
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
-    for (int d = 0; d < D8; d += 8) {
-      __m256 kv[4];
+      for (int r = 0; r < R; ++r) acc[a][r] = vfloat{};
+    const T* k = kt + c0;
+    int d = 0;
+    for (; d + NA <= D; d += NA) {
       TM_UNROLL
-      for (int i = 0; i < 4; ++i) kv[i] = load8(k[i] + d);
-      TM_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * D + d);
+      for (int a = 0; a < NA; ++a) {
+        const vfloat kv = kFull ? load(k + (d + a) * BS) : ld(k + (d + a) * BS, w);
         TM_UNROLL
-        for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_fmadd_ps(qv, kv[i], acc[r][i]);
+        for (int r = 0; r < R; ++r) acc[a][r] += q[r * DP + d + a] * kv;
       }
     }
-    TM_UNROLL
-    for (int r = 0; r < R; ++r) {
-      // 4 scores (the padding ones too: kKeyTile % 4 == 0 leaves room for them)
-      float* out = s + r * kKeyTile + c0;
-      _mm_storeu_ps(out, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-      for (int d = D8; d < D; ++d)  // tail of a head_dim that is not a multiple of 8
-        for (int i = 0; i < 4; ++i) out[i] += q[r * D + d] * to_float(k[i][d]);
-    }
-  }
-}
-
-// Columns d .. d + 8 * NC of row_values.
-template <int R, int NC, typename T>
-inline void row_values_block(float* acc, int D, const T* const* vp, int64_t off, int n, const float* p,
-                             const float* corr, int d) {
-  __m256 a[R][NC];
-  TM_UNROLL
-  for (int r = 0; r < R; ++r) {
-    const __m256 cr = _mm256_set1_ps(corr[r]);
-    TM_UNROLL
-    for (int i = 0; i < NC; ++i) a[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d + 8 * i), cr);
-  }
-  for (int c = 0; c < n; ++c) {
-    __m256 v[NC];
-    TM_UNROLL
-    for (int i = 0; i < NC; ++i) v[i] = load8(vp[c] + off + d + 8 * i);
-    TM_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m256 pr = _mm256_broadcast_ss(p + r * kKeyTile + c);
+    for (; d < D; ++d) {
+      const vfloat kv = ld(k + d * BS, w);
       TM_UNROLL
-      for (int i = 0; i < NC; ++i) a[r][i] = _mm256_fmadd_ps(pr, v[i], a[r][i]);
+      for (int r = 0; r < R; ++r) acc[0][r] += q[r * DP + d] * kv;
+    }
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      vfloat sum = acc[0][r];
+      TM_UNROLL
+      for (int a = 1; a < NA; ++a) sum += acc[a][r];
+      store(s + r * SP + c0, sum);
     }
   }
-  TM_UNROLL
-  for (int r = 0; r < R; ++r)
-    TM_UNROLL
-    for (int i = 0; i < NC; ++i) _mm256_storeu_ps(acc + r * D + d + 8 * i, a[r][i]);
 }
 
-// acc_r = acc_r * corr_r + sum_c p[r * kKeyTile + c] * v_c for R rows (stride D), keys c < n; the
-// value rows are vp[c] + off. Register blocks of R rows x NC vectors: R * NC accumulators + NC
-// value vectors + 1 broadcast within the 16 ymm registers.
+// acc_r = acc_r * corr_r + sum_{c < n} p[r * SP + c] * v_c for R rows (stride DP), from the
+// block's value rows v [BS][D]; NV vectors of dimensions at a time, held in registers.
 template <int R, typename T>
-inline void row_values(float* acc, int D, const T* const* vp, int64_t off, int n, const float* p,
-                       const float* corr) {
-  constexpr int NC = R == 3 ? 3 : 4;
-  int d = 0;
-  for (; d + 8 * NC <= D; d += 8 * NC) row_values_block<R, NC>(acc, D, vp, off, n, p, corr, d);
-  switch ((D - d) / 8) {  // fewer than NC vectors left
-    case 3: row_values_block<R, 3>(acc, D, vp, off, n, p, corr, d); d += 24; break;
-    case 2: row_values_block<R, 2>(acc, D, vp, off, n, p, corr, d); d += 16; break;
-    case 1: row_values_block<R, 1>(acc, D, vp, off, n, p, corr, d); d += 8; break;
-    default: break;
-  }
-  for (; d < D; ++d) {  // tail of a head_dim that is not a multiple of 8
-    for (int r = 0; r < R; ++r) {
-      float a = acc[r * D + d] * corr[r];
-      for (int c = 0; c < n; ++c) a += p[r * kKeyTile + c] * to_float(vp[c][off + d]);
-      acc[r * D + d] = a;
+inline void row_values(float* acc, int DP, int D, const T* v, int n, const float* p, int SP, const float* corr) {
+  constexpr int NV = R >= 4 ? 3 : 4;
+  const bool full = D % kLanes == 0;
+  for (int d0 = 0; d0 < D; d0 += NV * kLanes) {
+    const int nv = std::min<int>(NV, (D - d0 + kLanes - 1) / kLanes);
+    if (full && nv == NV) {
+      vfloat a[R][NV];
+      TM_UNROLL
+      for (int r = 0; r < R; ++r)
+        TM_UNROLL
+        for (int i = 0; i < NV; ++i) a[r][i] = load(acc + r * DP + d0 + i * kLanes) * corr[r];
+      const T* vr = v + d0;
+      for (int c = 0; c < n; ++c, vr += D) {
+        vfloat vv[NV];
+        TM_UNROLL
+        for (int i = 0; i < NV; ++i) vv[i] = load(vr + i * kLanes);
+        TM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const float pr = p[r * SP + c];
+          TM_UNROLL
+          for (int i = 0; i < NV; ++i) a[r][i] += pr * vv[i];
+        }
+      }
+      TM_UNROLL
+      for (int r = 0; r < R; ++r)
+        TM_UNROLL
+        for (int i = 0; i < NV; ++i) store(acc + r * DP + d0 + i * kLanes, a[r][i]);
+    } else {  // the last, partial group of dimensions (or a head_dim that is not whole vectors)
+      for (int i = 0; i < nv; ++i) {
+        const int d = d0 + i * kLanes, w = std::min(kLanes, D - d);
+        vfloat a[R];
+        TM_UNROLL
+        for (int r = 0; r < R; ++r) a[r] = load(acc + r * DP + d) * corr[r];
+        for (int c = 0; c < n; ++c) {
+          const vfloat vv = ld(v + c * D + d, w);
+          TM_UNROLL
+          for (int r = 0; r < R; ++r) a[r] += p[r * SP + c] * vv;
+        }
+        TM_UNROLL
+        for (int r = 0; r < R; ++r) store(acc + r * DP + d, a[r]);
+      }
     }
   }
 }
 
 template <typename Fn>
 inline void for_row_groups(int rows, Fn&& fn) {
-  // Groups of 3 rows (12 score accumulators + 4 key registers fill the 16 ymm registers).
+  // Groups of up to 4 rows: 4 score accumulators, or 4 x 3 value accumulators, in registers.
   int r = 0;
-  for (; r + 3 <= rows; r += 3) fn(std::integral_constant<int, 3>(), r);
-  if (rows - r == 2) fn(std::integral_constant<int, 2>(), r);
-  else if (rows - r == 1) fn(std::integral_constant<int, 1>(), r);
+  for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>(), r);
+  switch (rows - r) {
+    case 3: fn(std::integral_constant<int, 3>(), r); break;
+    case 2: fn(std::integral_constant<int, 2>(), r); break;
+    case 1: fn(std::integral_constant<int, 1>(), r); break;
+    default: break;
+  }
 }
 
 template <typename T, typename I>
 void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
-  const int D = p.head_dim, M = x.rows * x.nh;  // rows of head h0 + i are rows i * x.rows ...
-  float* q = sc.a.data();    // [M][D] packed query rows
-  float* acc = sc.b.data();  // [M][D]
-  float* s = sc.s.data();    // [M][kKeyTile] scores, then probabilities
+  const int D = p.head_dim, BS = p.block_size, M = x.rows * x.nh;  // rows of head h0 + i are rows i * x.rows ...
+  const int DP = static_cast<int>(round_up(D, kLanes)), SP = static_cast<int>(round_up(BS, kLanes));
+  float* q = sc.a.data();    // [M][DP] packed query rows, pre-scaled
+  float* acc = sc.b.data();  // [M][DP]
+  float* s = sc.s.data();    // [M][SP] scores, then probabilities
   float* mx = sc.m.data();
   float* l = sc.l.data();
   float* corr = sc.corr.data();
-  float* lsum = sc.lsum.data();
   for (int h = 0; h < x.nh; ++h)
     for (int m = 0; m < x.rows; ++m) {
       const T* src = q_row(p, x, x.h0 + h, m);
-      float* dst = q + (h * x.rows + m) * D;
-      for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+      float* dst = q + (h * x.rows + m) * DP;
+      for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * p.scale;
     }
   std::fill(mx, mx + M, kNegInf);
-  std::fill(l, l + round_up(M, 8), 0.f);  // vector updates run over whole groups of 8 rows
-  std::fill(acc, acc + M * D, 0.f);
-  const T* kp[kKeyTile];
-  const T* vp[kKeyTile];
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int k0 = 0; k0 < x.key_end; k0 += kKeyTile) {
-    const int n = std::min(kKeyTile, x.key_end - k0);
-    key_rows(p, x, k0, n, kp, vp);
-    // Scores of every head's rows, then the softmax step of every row, then the values. (Software
-    // prefetching of the next tile's rows, and walking the tile key group by key group across the
-    // heads, were both measured: neither helped, the hardware prefetcher follows the blocks.)
+  std::fill(l, l + M, 0.f);
+  std::fill(acc, acc + M * DP, 0.f);
+  const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);
+  const vfloat lane = lane_index();
+  const int num_blocks = (x.key_end + BS - 1) / BS;
+  for (int kb = 0; kb < num_blocks; ++kb) {
+    const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
+    const int64_t blk = block_of(p, x, kb);
+    if (kb + 1 < num_blocks) {  // the next block's K and V of this item's heads, while this one computes
+      const int64_t next = block_of(p, x, kb + 1);
+      prefetch(p.keys(next, x.h0), head_bytes * x.nh);
+      prefetch(p.values(next, x.h0), head_bytes * x.nh);
+    }
     for (int h = 0; h < x.nh; ++h) {
       const int r0 = h * x.rows;
+      const T* kt = p.keys(blk, x.h0 + h);
       for_row_groups(x.rows, [&](auto R, int r) {
-        row_scores<decltype(R)::value>(q + (r0 + r) * D, D, kp, h * D, n, s + (r0 + r) * kKeyTile);
+        if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, SP, s + (r0 + r) * SP);
+        else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, SP, s + (r0 + r) * SP);
       });
-    }
-    for (int m = 0; m < M; ++m) {
-      // Keys k0 + c with c < valid are visible to this row (causal limit and tile end).
-      const int valid = std::min(n, x.pos0 + (m % x.rows) / p.group + 1 - k0);
-      float* sm = s + m * kKeyTile;
-      if (valid <= 0) {  // the whole tile lies after this row's position
-        std::fill(sm, sm + kKeyTile, 0.f);
-        corr[m] = 0.f;  // exp(0) below: the row keeps its state
-        lsum[m] = 0.f;
-        continue;
+      // The softmax step of each row: keys k0 + c with c < valid are visible (causal limit and block end).
+      for (int m = r0; m < r0 + x.rows; ++m) {
+        const int valid = std::min(n, x.pos0 + (m - r0) / p.group + 1 - k0);
+        float* sm = s + m * SP;
+        if (valid <= 0) {  // the whole block lies after this row's position: the row keeps its state
+          std::fill(sm, sm + SP, 0.f);
+          corr[m] = 1.f;
+          continue;
+        }
+        vfloat tmax = splat(kNegInf);
+        for (int c0 = 0; c0 < n; c0 += kLanes) {  // every vector the value pass reads: masked lanes -> 0
+          const vfloat v = lane < static_cast<float>(valid - c0) ? load(sm + c0) : splat(kNegInf);
+          store(sm + c0, v);
+          tmax = vmax(tmax, v);
+        }
+        const float mnew = std::max(mx[m], reduce_max(tmax));
+        vfloat sum{};
+        for (int c0 = 0; c0 < n; c0 += kLanes) {
+          const vfloat e = vexp(load(sm + c0) - mnew);
+          store(sm + c0, e);
+          sum += e;
+        }
+        corr[m] = std::exp(mx[m] - mnew);  // 0 on the first block (mx = -inf)
+        l[m] = l[m] * corr[m] + reduce_add(sum);
+        mx[m] = mnew;
       }
-      static_assert(kKeyTile == 16, "the row path's softmax step holds a tile in two 8-lane vectors");
-      __m256 v[2], tmax = neg_inf;
-      for (int h = 0; h < 2; ++h) {
-        __m256 keep = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f * h)),
-                                    _mm256_set1_ps(static_cast<float>(valid)), _CMP_LT_OQ);
-        v[h] = _mm256_blendv_ps(neg_inf, _mm256_mul_ps(_mm256_loadu_ps(sm + 8 * h), _mm256_set1_ps(p.scale)), keep);
-        tmax = _mm256_max_ps(tmax, v[h]);
-      }
-      const float mnew = std::max(mx[m], hmax(tmax));
-      const __m256 mv = _mm256_set1_ps(mnew);
-      __m256 e0 = exp8(_mm256_sub_ps(v[0], mv)), e1 = exp8(_mm256_sub_ps(v[1], mv));
-      _mm256_storeu_ps(sm, e0);
-      _mm256_storeu_ps(sm + 8, e1);
-      corr[m] = mx[m] - mnew;  // exponentiated below, 8 rows at a time; -inf on the first tile
-      lsum[m] = hsum(_mm256_add_ps(e0, e1));
-      mx[m] = mnew;
-    }
-    for (int m = 0; m < M; m += 8) {  // the buffers are padded to a multiple of 16 rows
-      const __m256 cr = exp8(_mm256_loadu_ps(corr + m));  // exp(-inf) = 0
-      _mm256_storeu_ps(corr + m, cr);
-      _mm256_storeu_ps(l + m, _mm256_fmadd_ps(_mm256_loadu_ps(l + m), cr, _mm256_loadu_ps(lsum + m)));
-    }
-    for (int h = 0; h < x.nh; ++h) {
-      const int r0 = h * x.rows;
+      const T* vb = p.values(blk, x.h0 + h);
       for_row_groups(x.rows, [&](auto R, int r) {
-        row_values<decltype(R)::value>(acc + (r0 + r) * D, D, vp, h * D, n, s + (r0 + r) * kKeyTile, corr + r0 + r);
+        row_values<decltype(R)::value>(acc + (r0 + r) * DP, DP, D, vb, n, s + (r0 + r) * SP, SP, corr + r0 + r);
       });
     }
   }
   for (int h = 0; h < x.nh; ++h)
     for (int m = 0; m < x.rows; ++m) {
       T* o = out_row(p, x, x.h0 + h, m);
-      const float* a = acc + (h * x.rows + m) * D;
+      const float* a = acc + (h * x.rows + m) * DP;
       const float inv = 1.f / l[h * x.rows + m];
-      for (int d = 0; d < D; ++d) o[d] = from_float<T>(a[d] * inv);
+      for (int d = 0; d < D; d += kLanes) st(o + d, load(a + d) * inv, std::min(kLanes, D - d));
     }
 }
 
 // ---- tile path: prompt chunks, query rows along the vector lanes -----------------------------
 
-// st[c * MP + r] = sum_d k_c[d] * qt[d * MP + r] for keys c0 .. c0 + 4 (k has 4 pointers, the
-// ones past the tile's end repeat its last key), rows r .. r + 8 * NV.
+// st[c * MP + r] = sum_d k_c[d] * qt[d * MP + r] for keys c0 .. c0 + 4 (rows of kf, stride DP;
+// the ones past the block's end repeat its last key), rows r .. r + kLanes * NV.
 template <int NV>
 inline void tile_scores_block(const float* qt, int MP, int D, const float* const* k, int c0, float* st, int r) {
-  __m256 a[4][NV];
+  vfloat a[4][NV];
   TM_UNROLL
   for (int i = 0; i < 4; ++i)
     TM_UNROLL
-    for (int v = 0; v < NV; ++v) a[i][v] = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) a[i][v] = vfloat{};
   const float* qd = qt + r;
   for (int d = 0; d < D; ++d, qd += MP) {
-    __m256 qv[NV];
+    vfloat qv[NV];
     TM_UNROLL
-    for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qd + 8 * v);
+    for (int v = 0; v < NV; ++v) qv[v] = load(qd + kLanes * v);
     TM_UNROLL
     for (int i = 0; i < 4; ++i) {
-      const __m256 kb = _mm256_broadcast_ss(k[i] + d);
+      const float kb = k[i][d];
       TM_UNROLL
-      for (int v = 0; v < NV; ++v) a[i][v] = _mm256_fmadd_ps(kb, qv[v], a[i][v]);
+      for (int v = 0; v < NV; ++v) a[i][v] += kb * qv[v];
     }
   }
-  // All 4 rows, the padding ones too (the buffer has room): a store loop bounded by nc would
-  // make the compiler keep the accumulators in memory.
+  // All 4 rows, the padding ones too (the buffer has room).
   TM_UNROLL
   for (int i = 0; i < 4; ++i)
     TM_UNROLL
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(st + (c0 + i) * MP + r + 8 * v, a[i][v]);
+    for (int v = 0; v < NV; ++v) store(st + (c0 + i) * MP + r + kLanes * v, a[i][v]);
 }
 
-// Row blocks of 24 (12 accumulators), then one of 16 or 8: MP is a multiple of 8.
+// Row blocks of 3 vectors, then one of 2 or 1: MP is a multiple of kLanes.
 template <typename Fn>
 inline void for_vector_blocks(int MP, Fn&& fn) {
   int r = 0;
-  for (; r + 24 <= MP; r += 24) fn(std::integral_constant<int, 3>(), r);
-  if (MP - r == 16) fn(std::integral_constant<int, 2>(), r);
-  else if (MP - r == 8) fn(std::integral_constant<int, 1>(), r);
+  for (; r + 3 * kLanes <= MP; r += 3 * kLanes) fn(std::integral_constant<int, 3>(), r);
+  if (MP - r == 2 * kLanes) fn(std::integral_constant<int, 2>(), r);
+  else if (MP - r == kLanes) fn(std::integral_constant<int, 1>(), r);
 }
 
-// st[c * MP + r] = sum_d k_c[d] * qt[d * MP + r]  for keys c < n, rows r < MP.
-inline void tile_scores(const float* qt, int MP, int D, const float* const* kp, int n, float* st) {
+// st[c * MP + r] = sum_d kf[c][d] * qt[d * MP + r]  for keys c < n, rows r < MP.
+inline void tile_scores(const float* qt, int MP, int D, const float* kf, int DP, int n, float* st) {
   for (int c0 = 0; c0 < n; c0 += 4) {
     const float* k[4];
     TM_UNROLL
-    for (int i = 0; i < 4; ++i) k[i] = kp[std::min(c0 + i, n - 1)];
+    for (int i = 0; i < 4; ++i) k[i] = kf + std::min(c0 + i, n - 1) * DP;
     for_vector_blocks(MP, [&](auto NV, int r) { tile_scores_block<decltype(NV)::value>(qt, MP, D, k, c0, st, r); });
   }
 }
 
-// ot[d * MP + r] = ot[d * MP + r] * corr[r] + sum_c v_c[d] * pt[c * MP + r], rows r .. r + 8 * NV.
+// ot[d * MP + r] = ot[d * MP + r] * corr[r] + sum_c vf[c][d] * pt[c * MP + r], rows r .. r + kLanes * NV.
 template <int NV>
-inline void tile_values_block(float* ot, int MP, int D, const float* const* vp, int n, const float* pt,
+inline void tile_values_block(float* ot, int MP, int D, const float* vf, int DP, int n, const float* pt,
                               const float* corr, int r) {
-  __m256 cr[NV];
+  vfloat cr[NV];
   TM_UNROLL
-  for (int v = 0; v < NV; ++v) cr[v] = _mm256_loadu_ps(corr + r + 8 * v);
+  for (int v = 0; v < NV; ++v) cr[v] = load(corr + r + kLanes * v);
   int d = 0;
   for (; d + 4 <= D; d += 4) {
-    __m256 a[4][NV];
+    vfloat a[4][NV];
     TM_UNROLL
     for (int i = 0; i < 4; ++i)
       TM_UNROLL
-      for (int v = 0; v < NV; ++v) a[i][v] = _mm256_mul_ps(_mm256_loadu_ps(ot + (d + i) * MP + r + 8 * v), cr[v]);
+      for (int v = 0; v < NV; ++v) a[i][v] = load(ot + (d + i) * MP + r + kLanes * v) * cr[v];
     const float* pc = pt + r;
-    for (int c = 0; c < n; ++c, pc += MP) {
-      __m256 pv[NV];
+    const float* vc = vf + d;
+    for (int c = 0; c < n; ++c, pc += MP, vc += DP) {
+      vfloat pv[NV];
       TM_UNROLL
-      for (int v = 0; v < NV; ++v) pv[v] = _mm256_loadu_ps(pc + 8 * v);
+      for (int v = 0; v < NV; ++v) pv[v] = load(pc + kLanes * v);
       TM_UNROLL
       for (int i = 0; i < 4; ++i) {
-        const __m256 vb = _mm256_broadcast_ss(vp[c] + d + i);
+        const float vb = vc[i];
         TM_UNROLL
-        for (int v = 0; v < NV; ++v) a[i][v] = _mm256_fmadd_ps(vb, pv[v], a[i][v]);
+        for (int v = 0; v < NV; ++v) a[i][v] += vb * pv[v];
       }
     }
     TM_UNROLL
     for (int i = 0; i < 4; ++i)
       TM_UNROLL
-      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(ot + (d + i) * MP + r + 8 * v, a[i][v]);
+      for (int v = 0; v < NV; ++v) store(ot + (d + i) * MP + r + kLanes * v, a[i][v]);
   }
   for (; d < D; ++d) {
-    __m256 a[NV];
+    vfloat a[NV];
     TM_UNROLL
-    for (int v = 0; v < NV; ++v) a[v] = _mm256_mul_ps(_mm256_loadu_ps(ot + d * MP + r + 8 * v), cr[v]);
+    for (int v = 0; v < NV; ++v) a[v] = load(ot + d * MP + r + kLanes * v) * cr[v];
     for (int c = 0; c < n; ++c) {
-      const __m256 vb = _mm256_broadcast_ss(vp[c] + d);
+      const float vb = vf[c * DP + d];
       TM_UNROLL
-      for (int v = 0; v < NV; ++v) a[v] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(pt + c * MP + r + 8 * v), a[v]);
+      for (int v = 0; v < NV; ++v) a[v] += vb * load(pt + c * MP + r + kLanes * v);
     }
     TM_UNROLL
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(ot + d * MP + r + 8 * v, a[v]);
+    for (int v = 0; v < NV; ++v) store(ot + d * MP + r + kLanes * v, a[v]);
   }
 }
 
-inline void tile_values(float* ot, int MP, int D, const float* const* vp, int n, const float* pt,
+inline void tile_values(float* ot, int MP, int D, const float* vf, int DP, int n, const float* pt,
                         const float* corr) {
-  for_vector_blocks(MP, [&](auto NV, int r) { tile_values_block<decltype(NV)::value>(ot, MP, D, vp, n, pt, corr, r); });
+  for_vector_blocks(MP, [&](auto NV, int r) { tile_values_block<decltype(NV)::value>(ot, MP, D, vf, DP, n, pt, corr, r); });
 }
 
-inline void widen_rows(const float* const* src, int n, int D, float* dst, const float** rows) {
-  for (int c = 0; c < n; ++c) rows[c] = src[c];  // float rows are read in place
-  (void)D;
-  (void)dst;
+// The block's first n keys as float rows kf[c][d] (stride DP), from the transposed kt [D][BS].
+template <typename T>
+inline void widen_keys(const T* kt, int BS, int D, int n, int DP, float* kf) {
+  for (int d = 0; d < D; ++d)
+    for (int c = 0; c < n; ++c) kf[c * DP + d] = to_float(kt[d * BS + c]);
 }
 
-inline void widen_rows(const bf16* const* src, int n, int D, float* dst, const float** rows) {
-  for (int c = 0; c < n; ++c) {
-    float* o = dst + c * D;
-    int d = 0;
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, load8(src[c] + d));
-    for (; d < D; ++d) o[d] = to_float(src[c][d]);
-    rows[c] = o;
-  }
+// The block's first n value rows as float rows vf[c][d] (stride DP).
+template <typename T>
+inline void widen_values(const T* v, int D, int n, int DP, float* vf) {
+  for (int c = 0; c < n; ++c)
+    for (int d = 0; d < D; d += kLanes) {
+      const int w = std::min(kLanes, D - d);
+      store(vf + c * DP + d, ld(v + c * D + d, w));
+    }
 }
 
 template <typename T, typename I>
 void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
-  const int D = p.head_dim, M = x.rows, KT = kKeyTile;
-  const int MP = static_cast<int>(round_up(M, 8));
+  const int D = p.head_dim, M = x.rows, BS = p.block_size;
+  const int MP = static_cast<int>(round_up(M, kLanes)), DP = static_cast<int>(round_up(D, kLanes));
   float* qt = sc.a.data();  // Q^T [D][MP], pre-scaled
   float* ot = sc.b.data();  // O^T [D][MP]
-  float* st = sc.s.data();  // S^T / P^T [KT][MP]
+  float* st = sc.s.data();  // S^T / P^T [BS][MP]
   float* mx = sc.m.data();
   float* l = sc.l.data();
   float* corr = sc.corr.data();
+  float* kf = sc.kpack.data();
+  float* vf = sc.vpack.data();
   int32_t* pos = sc.pos.data();
   for (int m = 0; m < MP; ++m) {
     if (m < M) {
@@ -556,46 +532,42 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
     l[m] = 0.f;
   }
   std::fill(ot, ot + D * MP, 0.f);
-  const T* kp[kKeyTile];
-  const T* vp[kKeyTile];
-  const float* kf[kKeyTile];
-  const float* vf[kKeyTile];
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-  for (int k0 = 0; k0 < x.key_end; k0 += KT) {
-    const int n = std::min(KT, x.key_end - k0);
-    key_rows(p, x, k0, n, kp, vp);
-    widen_rows(kp, n, D, sc.kpack.data(), kf);
-    widen_rows(vp, n, D, sc.vpack.data(), vf);
-    tile_scores(qt, MP, D, kf, n, st);
+  const int num_blocks = (x.key_end + BS - 1) / BS;
+  for (int kb = 0; kb < num_blocks; ++kb) {
+    const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
+    const int64_t blk = block_of(p, x, kb);
+    widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
+    widen_values(p.values(blk, x.h0), D, n, DP, vf);
+    tile_scores(qt, MP, D, kf, DP, n, st);
     const bool diagonal = k0 + n - 1 > x.pos0;  // some key lies after some row's position
-    for (int r = 0; r < MP; r += 8) {
-      const __m256 mold = _mm256_loadu_ps(mx + r);
-      __m256 mnew = mold;
+    for (int r = 0; r < MP; r += kLanes) {
+      const vfloat mold = load(mx + r);
+      vfloat mnew = mold;
       if (diagonal) {
-        const __m256i rpos = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + r));
+        vint rpos;
+        std::memcpy(&rpos, pos + r, sizeof rpos);
         for (int c = 0; c < n; ++c) {
           // visible iff key position k0 + c <= row position
-          __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(rpos, _mm256_set1_epi32(k0 + c - 1)));
-          __m256 v = _mm256_blendv_ps(neg_inf, _mm256_loadu_ps(st + c * MP + r), keep);
-          _mm256_storeu_ps(st + c * MP + r, v);
-          mnew = _mm256_max_ps(mnew, v);
+          const vfloat v = rpos >= k0 + c ? load(st + c * MP + r) : splat(kNegInf);
+          store(st + c * MP + r, v);
+          mnew = vmax(mnew, v);
         }
       } else {
-        for (int c = 0; c < n; ++c) mnew = _mm256_max_ps(mnew, _mm256_loadu_ps(st + c * MP + r));
+        for (int c = 0; c < n; ++c) mnew = vmax(mnew, load(st + c * MP + r));
       }
-      __m256 sum = _mm256_setzero_ps();
+      vfloat sum{};
       for (int c = 0; c < n; ++c) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + c * MP + r), mnew));
-        _mm256_storeu_ps(st + c * MP + r, e);
-        sum = _mm256_add_ps(sum, e);
+        const vfloat e = vexp(load(st + c * MP + r) - mnew);
+        store(st + c * MP + r, e);
+        sum += e;
       }
-      // mold = -inf on the first tile gives corr = 0; mnew is finite there (key 0 is visible).
-      const __m256 cr = exp8(_mm256_sub_ps(mold, mnew));
-      _mm256_storeu_ps(corr + r, cr);
-      _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), cr, sum));
-      _mm256_storeu_ps(mx + r, mnew);
+      // mold = -inf on the first block gives corr = 0; mnew is finite there (key 0 is visible).
+      const vfloat cr = vexp(mold - mnew);
+      store(corr + r, cr);
+      store(l + r, load(l + r) * cr + sum);
+      store(mx + r, mnew);
     }
-    tile_values(ot, MP, D, vf, n, st, corr);
+    tile_values(ot, MP, D, vf, DP, n, st, corr);
   }
   for (int m = 0; m < M; ++m) {
     T* o = out_row(p, x, x.h0, m);
@@ -603,8 +575,6 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
     for (int d = 0; d < D; ++d) o[d] = from_float<T>(ot[d * MP + m] * inv);
   }
 }
-
-#endif  // TM_HAVE_AVX2
 
 // ---- driver ------------------------------------------------------------------------------------
 
@@ -617,50 +587,48 @@ void run(const Problem<T, I>& p, const int32_t* plan, int64_t num_items, bool si
   }();
   auto work = [&](Scratch& sc, int64_t i) {
     Item x = make_item(p, plan + i * 5);
-#if TM_HAVE_AVX2
-    if (simd) {
-      if (x.rows <= kRowPathMax) run_item_rows(p, x, sc);
-      else run_item_tile(p, x, sc);
-      return;
-    }
-#endif
-    (void)simd;
-    run_item_scalar(p, x, sc);
+    if (!simd) run_item_scalar(p, x, sc);
+    else if (x.rows <= kRowPathMax) run_item_rows(p, x, sc);
+    else run_item_tile(p, x, sc);
   };
   const int threads = std::min<int64_t>(at::get_num_threads(), num_items);
   if (threads <= 1) {
     Scratch sc;
-    sc.reserve(max_rows, p.head_dim);
+    sc.reserve(max_rows, p.head_dim, p.block_size);
     for (int64_t i = 0; i < num_items; ++i) work(sc, i);
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Scratch sc;
-    sc.reserve(max_rows, p.head_dim);
+    sc.reserve(max_rows, p.head_dim, p.block_size);
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_items;
          i = next.fetch_add(1, std::memory_order_relaxed))
       work(sc, i);
   });
 }
 
+// k, v [T, KVH, D] into their slots: keys transposed (dim d of slot s at kt[d * BS + s % BS] of its
+// block and head), values as rows.
 template <typename T>
 void write_kv_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache,
-                   const torch::Tensor& slot_mapping) {
+                   const torch::Tensor& slot_mapping, int64_t BS) {
   const int64_t T_ = k.size(0), KVH = k.size(1), D = k.size(2);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const T* kd = k.data_ptr<T>();
   const T* vd = v.data_ptr<T>();
   T* kc = kv_cache.data_ptr<T>();
   T* vc = kc + kv_cache.stride(0);
+  const int64_t blk_st = kv_cache.stride(1), head_st = kv_cache.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  const int64_t slot_st = KVH * D;
   at::parallel_for(0, T_, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t dst = slots[t] * slot_st;
+      const int64_t base = slots[t] / BS * blk_st, off = slots[t] % BS;
       for (int64_t h = 0; h < KVH; ++h) {
-        std::memcpy(kc + dst + h * D, kd + t * ks0 + h * ks1, D * sizeof(T));
-        std::memcpy(vc + dst + h * D, vd + t * vs0 + h * vs1, D * sizeof(T));
+        T* kt = kc + base + h * head_st + off;
+        const T* src = kd + t * ks0 + h * ks1;
+        for (int64_t d = 0; d < D; ++d) kt[d * BS] = src[d];
+        std::memcpy(vc + base + h * head_st + off * D, vd + t * vs0 + h * vs1, D * sizeof(T));
       }
     }
   });
@@ -736,14 +704,16 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                       const torch::Tensor& work_plan, double scale, bool simd) {
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "tensors must be on the CPU");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [T, H, D] with a contiguous last dim");
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [2, num_blocks, block_size, KVH, D] tensor");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, num_blocks, KVH, block_size * D] tensor");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "only float32 and bfloat16 are supported");
   TORCH_CHECK(kv_cache.scalar_type() == dtype, "q and kv_cache must have the same dtype");
   const int64_t T_ = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t num_blocks = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
-  TORCH_CHECK(kv_cache.size(4) == D, "head_dim of q (", D, ") and kv_cache (", kv_cache.size(4), ") differ");
+  const int64_t num_blocks = kv_cache.size(1), KVH = kv_cache.size(2);
+  TORCH_CHECK(D > 0 && kv_cache.size(3) % D == 0, "kv_cache's last dimension (", kv_cache.size(3),
+              ") is not block_size x head_dim of q (", D, ")");
+  const int64_t BS = kv_cache.size(3) / D;
   TORCH_CHECK(KVH > 0 && H % KVH == 0, "num_heads (", H, ") must be a multiple of num_kv_heads (", KVH, ")");
   const int64_t R = seq_lens.numel();
   check_int_vector(query_start_loc, "query_start_loc", R + 1);
@@ -773,8 +743,8 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     const int64_t* s = sm.data_ptr<int64_t>();
     for (int64_t t = 0; t < T_; ++t)
       TORCH_CHECK(s[t] >= 0 && s[t] < num_blocks * BS, "slot_mapping[", t, "] = ", s[t], " is out of range");
-    if (dtype == torch::kFloat32) write_kv_rows<float>(*k, *v, kv_cache, sm);
-    else write_kv_rows<bf16>(*k, *v, kv_cache, sm);
+    if (dtype == torch::kFloat32) write_kv_rows<float>(*k, *v, kv_cache, sm, BS);
+    else write_kv_rows<bf16>(*k, *v, kv_cache, sm, BS);
   }
 
   // Every block a request will read must exist: a bad table would read outside the cache.
@@ -816,7 +786,7 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     p.k_cache = kv_cache.data_ptr<TT>();
     p.v_cache = p.k_cache + kv_cache.stride(0);
     p.blk_st = kv_cache.stride(1);
-    p.tok_st = kv_cache.stride(2);
+    p.head_st = kv_cache.stride(2);
     p.tables = tables;
     p.table_st = block_tables.stride(0);
     p.qsl = qsl;
@@ -843,6 +813,6 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
   return out;
 }
 
-bool has_simd() { return TM_HAVE_AVX2; }
+int64_t vector_lanes() { return kLanes; }
 
 }  // namespace tokenmill

@@ -1,4 +1,4 @@
-"""The KV cache tensors: one [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
+"""The KV cache tensors: one tensor of attention.kv_cache_shape per layer (keys and values of every block)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +6,8 @@ import mmap
 import warnings
 
 import torch
+
+from tokenmill.models.layers.attention import kv_cache_shape
 
 
 def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
@@ -19,7 +21,7 @@ def allocate_kv_caches(hf_config, num_blocks: int, block_size: int, dtype: torch
     first written, so even a cache of gigabytes costs nothing at start-up (torch.zeros would touch
     every page: seconds)."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    shape = (2, num_blocks, block_size, hf_config.num_key_value_heads, head_dim)
+    shape = kv_cache_shape(num_blocks, block_size, hf_config.num_key_value_heads, head_dim)
     layers = hf_config.num_hidden_layers
     if num_blocks == 0:
         return [torch.zeros(shape, dtype=dtype) for _ in range(layers)]

@@ -1,13 +1,14 @@
 """Paged attention over a ragged batch: one small backend interface, a pure-PyTorch backend.
 
 The batch is flat: the new tokens of all scheduled requests are concatenated (no padding), and
-request i owns rows query_start_loc[i]:query_start_loc[i+1]. Each layer's cache is
-
-    kv_cache[0 | 1]  : [num_blocks, block_size, num_kv_heads, head_dim]   (0 = keys, 1 = values)
-
-and token p of request i lives in slot  block_tables[i][p // block_size] * block_size
-+ p % block_size. A layer first writes the new K/V into their slots (slot_mapping), then each query
-attends causally over its own request's cached tokens, reached through the block table.
+request i owns rows query_start_loc[i]:query_start_loc[i+1]. Each layer's cache is one tensor of
+`kv_cache_shape(...)` = [2, num_blocks, num_kv_heads, block_size * head_dim]: per block and KV
+head, the keys transposed (`key_view`: [num_blocks, num_kv_heads, head_dim, block_size], dim d of
+the block's keys adjacent) and the values as rows (`value_view`: [..., block_size, head_dim]).
+The CPU kernel reads a block's scores as one vector over its keys that way (see
+csrc/paged_attention.cpp). Token p of request i lives in slot  block_tables[i][p // block_size] *
+block_size + p % block_size. A layer first writes the new K/V into their slots (slot_mapping), then
+each query attends causally over its own request's cached tokens, reached through the block table.
 """
 from __future__ import annotations
 
@@ -43,10 +44,30 @@ class AttentionBackend(ABC):
         """q: [T, H, D]; k, v: [T, KVH, D] (new tokens). Writes k, v to the cache; returns [T, H, D]."""
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The shape of one layer's KV cache tensor (keys and values of every block)."""
+    return (2, num_blocks, num_kv_heads, block_size * head_dim)
+
+
+def key_view(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[num_blocks, num_kv_heads, head_dim, block_size]: the keys, transposed within each block."""
+    num_blocks, num_kv_heads, per_head = kv_cache.shape[1:]
+    return kv_cache[0].view(num_blocks, num_kv_heads, head_dim, per_head // head_dim)
+
+
+def value_view(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[num_blocks, num_kv_heads, block_size, head_dim]: the values, one row per key."""
+    num_blocks, num_kv_heads, per_head = kv_cache.shape[1:]
+    return kv_cache[1].view(num_blocks, num_kv_heads, per_head // head_dim, head_dim)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """k, v: [T, KVH, D] into the cache slots slot_mapping [T]."""
+    head_dim = k.shape[-1]
+    block_size = kv_cache.shape[-1] // head_dim
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    key_view(kv_cache, head_dim)[blocks, :, :, offsets] = k
+    value_view(kv_cache, head_dim)[blocks, :, offsets] = v
 
 
 @dataclass
@@ -56,7 +77,8 @@ class _Group:
     pad_index: torch.Tensor  # [T_g] its position in the flattened [B * Q] padded queries
     batch: int
     max_q: int
-    key_slots: torch.Tensor  # [B, S] cache slot of every key position (0 where padded)
+    key_blocks: torch.Tensor  # [B, S] cache block of every key position (0 where padded)
+    key_offsets: torch.Tensor  # [B, S] its offset in the block
     mask: torch.Tensor | None  # [B, 1, Q, S] bool, True = attend; None for single-token decodes
 
 
@@ -103,6 +125,7 @@ class TorchPagedAttention(AttentionBackend):
         key_slots = tables[:, pos // bs] * bs + pos % bs  # [B, S]
         key_valid = pos[None, :] < seq_lens[:, None]
         key_slots = torch.where(key_valid, key_slots, 0)
+        key_blocks, key_offsets = key_slots // bs, key_slots % bs
 
         if max_q == 1:
             mask = key_valid[:, None, None, :]
@@ -113,21 +136,21 @@ class TorchPagedAttention(AttentionBackend):
             j = torch.arange(max_q)
             q_pos = ctx[:, None] + torch.minimum(j[None, :], (lens - 1)[:, None])  # [B, Q]
             mask = (pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Q, S]
-        return _Group(row_index, pad_index, batch, max_q, key_slots, mask)
+        return _Group(row_index, pad_index, batch, max_q, key_blocks, key_offsets, mask)
 
     def forward(self, q, k, v, kv_cache, metadata: TorchAttentionMetadata, scale):
         write_kv(kv_cache, k, v, metadata.slot_mapping)
-        num_kv_heads, head_dim = kv_cache.shape[-2:]
-        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
-        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        head_dim = q.shape[-1]
+        num_kv_heads = kv_cache.shape[2]
+        keys, values = key_view(kv_cache, head_dim), value_view(kv_cache, head_dim)
         out = torch.empty_like(q)
         num_heads = q.shape[1]
         for g in metadata.groups:
             qg = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)
             qg[g.pad_index] = q[g.row_index]
             qg = qg.view(g.batch, g.max_q, num_heads, head_dim).transpose(1, 2)
-            kg = k_flat[g.key_slots].transpose(1, 2)  # [B, KVH, S, D]
-            vg = v_flat[g.key_slots].transpose(1, 2)
+            kg = keys[g.key_blocks, :, :, g.key_offsets].transpose(1, 2)  # [B, S, KVH, D] -> [B, KVH, S, D]
+            vg = values[g.key_blocks, :, g.key_offsets].transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
                                                 enable_gqa=num_heads != num_kv_heads)
             og = og.transpose(1, 2).reshape(g.batch * g.max_q, num_heads, head_dim)
@@ -141,14 +164,16 @@ BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchPagedAttention}
 LAZY_BACKENDS: dict[str, tuple[str, str]] = {"cpu": ("tokenmill.models.layers.cpu_attention", "CpuPagedAttention")}
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, **options) -> AttentionBackend:
+    """The backend `name`; options go to backends that take them (the cpu backend's `prefill`)."""
     if name not in BACKENDS and name in LAZY_BACKENDS:
         import importlib
 
         module, cls = LAZY_BACKENDS[name]
         BACKENDS[name] = getattr(importlib.import_module(module), cls)
     try:
-        return BACKENDS[name]()
+        cls = BACKENDS[name]
     except KeyError:
         raise ValueError(f"attention_backend must be one of {sorted(BACKENDS.keys() | LAZY_BACKENDS.keys())}, "
                          f"got {name!r}") from None
+    return cls(**options) if name == "cpu" else cls()
