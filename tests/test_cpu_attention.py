@@ -12,7 +12,8 @@ import random
 import pytest
 import torch
 
-from tokenmill.models.layers.attention import AttentionInputs, TorchPagedAttention, get_attention_backend
+from tokenmill.models.layers.attention import (AttentionInputs, TorchPagedAttention, get_attention_backend,
+                                               kv_cache_shape)
 from tokenmill.models.layers.cpu_attention import CpuPagedAttention
 from tokenmill.models.layers.cpu_ops import cpu_ops_available
 
@@ -31,7 +32,7 @@ def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed
     rng.shuffle(ids)
     max_blocks = max(need) + 2  # wider than needed: the padding must be ignored
     tables = torch.zeros(len(specs), max_blocks, dtype=torch.int64)
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    cache = torch.randn(kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim), generator=g).to(dtype)
     slots, qsl, seq_lens = [], [0], []
     for i, ((ctx, n), nb) in enumerate(zip(specs, need)):
         tables[i, :nb] = torch.tensor(ids[:nb])
@@ -49,10 +50,10 @@ def make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed
     return q, k, v, cache, inputs
 
 
-def run_both(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+def run_both(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, prefill="kernel"):
     q, k, v, cache, inputs = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
     scale = head_dim ** -0.5
-    torch_backend, cpu_backend = TorchPagedAttention(), CpuPagedAttention()
+    torch_backend, cpu_backend = TorchPagedAttention(), CpuPagedAttention(prefill)
     cache_ref, cache_cpu = cache.clone(), cache.clone()
     with torch.inference_mode():
         ref = torch_backend.forward(q, k, v, cache_ref, torch_backend.prepare(inputs), scale)
@@ -80,6 +81,27 @@ def test_mixed_batch_float32(ext, heads, block_size):
         specs = mixed_specs(rng, n_decode=6, n_fresh=2, n_cont=3)
         out, ref, _ = run_both(specs, *heads, 64, block_size, torch.float32, seed=trial)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_prompt_chunks_by_sdpa(ext, dtype, block_size):
+    """prefill="sdpa": the chunks (fresh and after cached tokens, 16 rows and more) through torch's
+    SDPA, short chunks and decodes through the kernel; the same outputs as the torch backend."""
+    rng = random.Random(block_size)
+    specs = mixed_specs(rng, n_decode=7, n_fresh=2, n_cont=3) + [(0, 16), (40, 15), (33, 70)]
+    out, ref, (q, k, v, cache, inputs) = run_both(specs, 9, 3, 64, block_size, dtype, prefill="sdpa")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    backend = CpuPagedAttention("sdpa")
+    md = backend.prepare(inputs)
+    chunk_rows = {(c.t0, c.t1) for c in md.chunks}
+    qsl = inputs.query_start_loc
+    assert chunk_rows == {(qsl[i], qsl[i + 1]) for i in range(len(specs)) if qsl[i + 1] - qsl[i] >= 16}
+    assert all(int(qsl[r + 1] - qsl[r]) < 16 for r in backend.plan(md, 3, 3, sdpa=True)[:, 0].tolist())
+    assert backend.uses_sdpa(torch.float32) and not CpuPagedAttention("kernel").uses_sdpa(torch.bfloat16)
+    with pytest.raises(ValueError, match="prefill_attention must be one of"):
+        CpuPagedAttention("flash")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -172,7 +194,7 @@ def test_int32_tables_noncontiguous_q_and_plan_reuse(ext):
     for qq in (q_strided, q_heads, q):  # the second and third calls reuse the step's plan
         out = backend.forward(qq, k, v, cache.clone(), md, 0.125)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert list(md.plans) == [(3, 3)]
+    assert list(md.plans) == [(3, 3, False)]
 
 
 def test_bad_inputs_are_rejected(ext):
@@ -187,7 +209,7 @@ def test_bad_inputs_are_rejected(ext):
     md = backend.prepare(inputs)
     with pytest.raises(RuntimeError, match="same dtype"):
         backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache, md, 0.125)
-    md.slot_mapping = md.slot_mapping + cache.shape[1] * cache.shape[2]
+    md.slot_mapping = md.slot_mapping + cache.shape[1] * 16  # past the last block (block size 16)
     with pytest.raises(RuntimeError, match="out of range"):
         backend.forward(q, k, v, cache, md, 0.125)
 
@@ -213,19 +235,20 @@ def _hf_greedy(model_dir, prompts, max_tokens):
     return outs
 
 
-@pytest.mark.parametrize("budget", [None, 16], ids=["default-budget", "chunked-16"])
-def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget):
+@pytest.mark.parametrize("budget,prefill", [(None, "kernel"), (16, "kernel"), (None, "sdpa"), (48, "sdpa")],
+                         ids=["default-budget", "chunked-16", "sdpa-prefill", "sdpa-chunked-48"])
+def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget, prefill):
     import tokenmill.engine.llm_engine as llm_engine
     from tokenmill import LLM, SamplingParams
     from tokenmill.worker.kv_cache import kv_bytes_per_block
     from transformers import AutoConfig
 
-    monkeypatch.setattr(llm_engine, "get_attention_backend", lambda name: CpuPagedAttention())
+    monkeypatch.setattr(llm_engine, "get_attention_backend", lambda name, **options: CpuPagedAttention(**options))
     rng = random.Random(99)
     lens, max_tokens = [5, 17, 140, 31, 64, 90], [24, 7, 12, 20, 1, 16]
     prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in lens]
     kv_memory = 128 * kv_bytes_per_block(AutoConfig.from_pretrained(tiny_llama_dir), 16, torch.float32)
-    args = dict(max_model_len=512, kv_cache_memory=kv_memory)
+    args = dict(max_model_len=512, kv_cache_memory=kv_memory, prefill_attention=prefill)
     if budget:
         args["max_num_batched_tokens"] = budget
     llm = LLM(str(tiny_llama_dir), dtype="float32", **args)

@@ -119,3 +119,48 @@ def test_bad_inputs(ext):
         ext.rotary_embedding(qk, torch.tensor([0, 1, 2], dtype=torch.int32), cos, sin)
     with pytest.raises(RuntimeError, match="head_dim must be even, got 7"):
         ext.rotary_embedding(torch.randn(3, 2, 7), torch.tensor([0, 1, 2]), torch.ones(16, 7), torch.ones(16, 7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows,vocab", [(1, 5), (3, 16), (4, 49152), (130, 1003)])
+def test_argmax_matches_torch(ext, rows, vocab, dtype):
+    """First index on ties and the first NaN, as torch.argmax; rows of a wider tensor (strided)."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab + 3, generator=g).to(dtype)[:, :vocab]
+    top = x[0].max() + 1
+    x[0, vocab - 1] = top
+    x[0, min(2, vocab - 1)] = top  # a tie: the first one wins
+    if rows > 1:
+        x[-1, vocab // 2] = float("nan")
+        x[-1, vocab - 1] = float("nan")
+    assert ext.argmax(x).tolist() == x.argmax(-1).tolist()
+    with pytest.raises(RuntimeError, match="logits must be float32 or bfloat16"):
+        ext.argmax(x.double())
+
+
+def test_sampler_widens_only_the_rows_that_need_it(ext):
+    """bf16 logits through the extension's argmax: the tokens and logprobs of widening every row first."""
+    from tokenmill.sampling_params import SamplingParams
+    from tokenmill.worker.sampler import Sampler, SamplingRow
+
+    logits = (torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=3),
+              SamplingParams(temperature=0, repetition_penalty=1.5), SamplingParams(temperature=0, min_tokens=2),
+              SamplingParams(temperature=0.8, seed=7), SamplingParams(temperature=1.0, top_k=5, logprobs=0)]
+
+    def rows():
+        out = []
+        for i, p in enumerate(params):
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+            prompt = logits[i].float().topk(3).indices.tolist()  # penalised: the greedy choice moves
+            out.append(SamplingRow(p.clone(all_stop_token_ids=frozenset({int(logits[3].float().argmax())})),
+                                   gen, prompt, []))
+        return out
+
+    fast = Sampler(0, ext)(logits, rows())
+    wide = Sampler(0)(logits.float(), rows())
+    assert fast.token_ids == wide.token_ids
+    assert fast.logprobs == wide.logprobs
+    assert fast.token_ids[0] == int(logits[0].float().argmax())
+    assert fast.token_ids[2] != int(logits[2].float().argmax())  # the penalty moved it
+    assert fast.token_ids[3] != int(logits[3].float().argmax())  # min_tokens masked the stop token

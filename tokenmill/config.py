@@ -53,6 +53,8 @@ class EngineConfig:
     # where a core is left for it (num_threads below the CPUs this process may use).
     async_scheduling: bool | None = None
     attention_backend: str = "auto"  # "cpu" (C++ kernel), "torch" (reference), "auto": cpu where it builds
+    # cpu backend, prompt chunks: "kernel", "sdpa" (torch's flash attention), "auto": sdpa for bf16 on AMX CPUs
+    prefill_attention: str = "auto"
     # Scheduling and memory
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
@@ -80,6 +82,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.attention_backend not in ("auto", "cpu", "torch"):
             raise ValueError(f"attention_backend must be 'auto', 'cpu' or 'torch', got {self.attention_backend!r}")
+        if self.prefill_attention not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"prefill_attention must be 'auto', 'kernel' or 'sdpa', got {self.prefill_attention!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if not isinstance(self.swap_space, int) or self.swap_space < 0:

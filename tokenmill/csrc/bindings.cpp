@@ -10,12 +10,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
         py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("scale"),
         py::arg("simd") = true);
-  m.def("has_simd", &has_simd, "whether the AVX2/FMA kernels were compiled in");
+  m.def("vector_lanes", &vector_lanes, "float32 lanes of the vector type the kernels were compiled with");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 statistics)", py::arg("x"), py::arg("weight"),
         py::arg("eps"));
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual), in place",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half of each row", py::arg("gate_up"));
+  m.def("argmax", &argmax, "index of each row's maximum (first on ties, NaN wins), int64", py::arg("logits"));
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place from cos/sin tables", py::arg("x"),
         py::arg("positions"), py::arg("cos"), py::arg("sin"));
 }

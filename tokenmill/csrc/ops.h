@@ -15,7 +15,7 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                       const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
                       const torch::Tensor& work_plan, double scale, bool simd);
-bool has_simd();
+int64_t vector_lanes();
 
 // fused_ops.cpp
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
@@ -23,5 +23,8 @@ void fused_add_rms_norm(torch::Tensor& x, torch::Tensor& residual, const torch::
 torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 void rotary_embedding(torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& cos,
                       const torch::Tensor& sin);
+
+// argmax.cpp
+torch::Tensor argmax(const torch::Tensor& logits);
 
 }  // namespace tokenmill

@@ -50,7 +50,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(folder, self.hf_config, self.tokenizer)
 
         dtype = config.torch_dtype
-        backend = get_attention_backend(_resolve_backend(config.attention_backend))
+        backend_name = _resolve_backend(config.attention_backend)
+        backend = get_attention_backend(backend_name, **(
+            {"prefill": config.prefill_attention} if backend_name == "cpu" else {}))
         # The fused RMSNorm / SiLU x up / RoPE kernels come with the extension wherever it builds.
         ops = load_extension() if cpu_ops_available() else None
         model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len, ops)
@@ -67,7 +69,7 @@ class LLMEngine:
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
         host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
             if num_host_blocks else []
-        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches)
+        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches, ops)
 
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}  # live children by id

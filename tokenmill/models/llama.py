@@ -114,7 +114,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; returns logits [len(logits_indices), vocab] in float32."""
+        """input_ids, positions: [T]; returns logits [len(logits_indices), vocab] in the model's dtype
+        (the sampler widens only the rows that need float32)."""
         m = self.model
         x = m.embed_tokens(input_ids)
         rope = m.rotary.for_positions(positions, x.dtype)  # once per step, shared by the layers
@@ -124,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         # RMSNorm is per row: select the sampling rows first, so the last add, the norm and the LM
         # head skip the rest.
         x, _ = m.norm(x[logits_indices], residual[logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(x)
 
 
 def pack_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

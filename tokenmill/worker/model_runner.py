@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -26,13 +27,14 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 backend: AttentionBackend, seed: int, host_caches: list[torch.Tensor] = ()) -> None:
+                 backend: AttentionBackend, seed: int, host_caches: list[torch.Tensor] = (),
+                 ops: ModuleType | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.host_caches = list(host_caches)  # swap space: same layout, in host memory
         self.block_size = block_size
         self.backend = backend
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, ops)
         # The previous step's samples: a request's pending token (PENDING_TOKEN in its token_ids)
         # is the one it sampled there (the engine may not have seen it yet).
         self._last_sampled: dict[str, int] = {}

@@ -12,6 +12,7 @@ default: the sampled token's plus the `logprobs` most likely ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -34,28 +35,34 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, ops: ModuleType | None = None) -> None:
+        """ops: tokenmill's CPU extension, whose argmax reads bfloat16 rows without widening them."""
         self.generator = torch.Generator().manual_seed(seed)
+        self.ops = ops
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None and logits.device.type == "cpu" and logits.dim() == 2 and logits.stride(1) == 1:
+            return self.ops.argmax(logits)
+        return logits.argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        logits = logits.float()
-        raw_logprobs = None
-        if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        if all(r.params.greedy and not r.params.has_penalties and r.params.min_tokens == 0 for r in rows):
-            tokens = logits.argmax(dim=-1)  # fast path: nothing to adjust, nothing to draw
-        else:
-            tokens = self._sample(logits.clone(), rows)
-
+        """logits: [len(rows), vocab] in the model's dtype. Plain greedy rows take the argmax as
+        they are (widening is exact, so the winner is the same); only the rows that are adjusted,
+        sampled or asked for logprobs are widened to float32, and only those rows."""
+        tokens = self._argmax(logits)
+        adjusted = [i for i, r in enumerate(rows) if _is_adjusted(r)]
+        if adjusted:
+            idx = torch.tensor(adjusted)
+            tokens[idx] = self._sample(logits[idx].float(), [rows[i] for i in adjusted])
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(raw_logprobs, token_list, rows))
+        return SamplerOutput(token_list, _gather_logprobs(logits, token_list, rows))
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits: a float32 copy of the rows' logits, adjusted in place."""
         _mask_stop_tokens_before_min(logits, rows)
         _apply_penalties(logits, rows)
         greedy = torch.tensor([r.params.greedy for r in rows])
-        tokens = logits.argmax(dim=-1)
+        tokens = self._argmax(logits)
         if greedy.all():
             return tokens
         idx = (~greedy).nonzero().flatten()
@@ -67,6 +74,12 @@ class Sampler:
                 noise[j] = torch.empty(probs.shape[1]).exponential_(generator=r.generator)
         tokens[idx] = (probs / noise).argmax(dim=-1)
         return tokens
+
+
+def _is_adjusted(r: SamplingRow) -> bool:
+    """Whether the row's logits change before its token is picked (penalties, min_tokens, sampling)."""
+    p = r.params
+    return not p.greedy or p.has_penalties or len(r.output_token_ids) < p.min_tokens
 
 
 def _mask_stop_tokens_before_min(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -124,20 +137,20 @@ def _truncated_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return probs
 
 
-def _gather_logprobs(raw: torch.Tensor | None, tokens: list[int],
+def _gather_logprobs(logits: torch.Tensor, tokens: list[int],
                      rows: list[SamplingRow]) -> list[dict[int, float] | None]:
-    if raw is None:
-        return [None] * len(rows)
-    out: list[dict[int, float] | None] = []
-    for i, r in enumerate(rows):
-        n = r.params.logprobs
-        if n is None:
-            out.append(None)
-            continue
-        entry = {tokens[i]: raw[i, tokens[i]].item()}
+    """The raw model distribution's logprobs (float32) of each asking row: its token's and its top n."""
+    out: list[dict[int, float] | None] = [None] * len(rows)
+    asking = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not asking:
+        return out
+    raw = torch.log_softmax(logits[torch.tensor(asking)].float(), dim=-1)
+    for j, i in enumerate(asking):
+        n = rows[i].params.logprobs
+        entry = {tokens[i]: raw[j, tokens[i]].item()}
         if n > 0:
-            vals, ids = raw[i].topk(n)
+            vals, ids = raw[j].topk(n)
             for tid, val in zip(ids.tolist(), vals.tolist()):
                 entry.setdefault(tid, val)
-        out.append(entry)
+        out[i] = entry
     return out

@@ -6,15 +6,35 @@ to `tokenmill/csrc/paged_attention.cpp`, which walks the block tables itself (al
 step, decode tokens and prompt chunks alike, in one parallel call; see the comment at the top of
 the .cpp for the work split and the vectorisation). The kernel is part of tokenmill's CPU
 extension (see cpu_ops.py for how it is built).
+
+Prompt chunks can instead go to torch's scaled_dot_product_attention over the chunk's gathered
+K/V (`prefill="sdpa"`): where the CPU has AMX, torch's flash-attention kernel runs bfloat16
+chunks on the matrix units, which the vector kernel cannot use. The kernel still writes every
+new K/V and attends the decode tokens; SDPA fills the chunks' rows. `prefill="auto"` takes SDPA
+for bfloat16 chunks on AMX CPUs and the kernel everywhere else (on AVX-512 and AVX2 CPUs without
+AMX the kernel is the faster of the two for every chunk shape `benchmarks/attention.py` measures).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from tokenmill.models.layers.attention import AttentionBackend, AttentionInputs
-from tokenmill.models.layers.cpu_ops import load_extension
+from tokenmill.models.layers.attention import AttentionBackend, AttentionInputs, key_view, value_view
+from tokenmill.models.layers.cpu_ops import cpu_has_amx, load_extension
+
+PREFILL_MODES = ("auto", "kernel", "sdpa")
+SDPA_MIN_CHUNK = 16  # shorter chunks stay with the kernel: a few rows are no matrix work
+
+
+@dataclass
+class _Chunk:
+    """A prompt chunk attended by SDPA: rows t0:t1 of the step, keys 0:seq_len of its blocks."""
+    t0: int
+    t1: int
+    seq_len: int
+    blocks: torch.Tensor  # int64 [ceil(seq_len / block_size)]
 
 
 @dataclass
@@ -23,8 +43,9 @@ class CpuAttentionMetadata:
     block_tables: torch.Tensor  # int64/int32 [R, max_blocks], contiguous
     query_start_loc: torch.Tensor  # int32 [R + 1]
     seq_lens: torch.Tensor  # int32 [R]
-    # Work items per (num_kv_heads, group): built by the first layer, reused by the others.
-    plans: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    chunks: list[_Chunk]  # the prompt chunks SDPA may take
+    # Work items per (num_kv_heads, group, chunks left to SDPA): built by the first layer, reused.
+    plans: dict[tuple[int, int, bool], torch.Tensor] = field(default_factory=dict)
 
 
 class CpuPagedAttention(AttentionBackend):
@@ -32,28 +53,66 @@ class CpuPagedAttention(AttentionBackend):
 
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, prefill: str = "auto") -> None:
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill_attention must be one of {list(PREFILL_MODES)}, got {prefill!r}")
         self._ops = load_extension()
+        self.prefill = prefill
+
+    def uses_sdpa(self, dtype: torch.dtype) -> bool:
+        if self.prefill == "auto":
+            return dtype == torch.bfloat16 and cpu_has_amx()
+        return self.prefill == "sdpa"
 
     def prepare(self, inputs: AttentionInputs) -> CpuAttentionMetadata:
+        qsl, bs = inputs.query_start_loc, inputs.block_size
+        chunks = [_Chunk(qsl[i], qsl[i + 1], n, inputs.block_tables[i, : -(-n // bs)].to(torch.int64))
+                  for i, n in enumerate(inputs.seq_lens) if qsl[i + 1] - qsl[i] >= SDPA_MIN_CHUNK]
         return CpuAttentionMetadata(
             slot_mapping=inputs.slot_mapping.to(torch.int64).contiguous(),
             block_tables=inputs.block_tables.contiguous(),
-            query_start_loc=torch.tensor(inputs.query_start_loc, dtype=torch.int32),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(inputs.seq_lens, dtype=torch.int32),
+            chunks=chunks,
         )
 
-    def plan(self, metadata: CpuAttentionMetadata, num_kv_heads: int, group: int) -> torch.Tensor:
-        key = (num_kv_heads, group)
+    def plan(self, metadata: CpuAttentionMetadata, num_kv_heads: int, group: int, sdpa: bool = False) -> torch.Tensor:
+        key = (num_kv_heads, group, sdpa and bool(metadata.chunks))
         plan = metadata.plans.get(key)
         if plan is None:
-            plan = metadata.plans[key] = self._ops.plan(metadata.query_start_loc, metadata.seq_lens,
-                                                        num_kv_heads, group)
+            plan = self._ops.plan(metadata.query_start_loc, metadata.seq_lens, num_kv_heads, group)
+            if key[2]:  # leave the chunks' items to SDPA
+                lens = metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]
+                plan = plan[lens[plan[:, 0].long()] < SDPA_MIN_CHUNK].contiguous()
+            metadata.plans[key] = plan
         return plan
 
     def forward(self, q, k, v, kv_cache, metadata: CpuAttentionMetadata, scale):
-        num_kv_heads = kv_cache.shape[-2]
+        num_kv_heads = kv_cache.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        plan = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads)
-        return self._ops.forward(q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables,
-                                 metadata.query_start_loc, metadata.seq_lens, plan, scale)
+        sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks)
+        plan = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa)
+        out = self._ops.forward(q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables,
+                                metadata.query_start_loc, metadata.seq_lens, plan, scale)
+        if sdpa:
+            self._sdpa_chunks(q, kv_cache, metadata.chunks, scale, out)
+        return out
+
+    @staticmethod
+    def _sdpa_chunks(q, kv_cache, chunks: list[_Chunk], scale: float, out: torch.Tensor) -> None:
+        head_dim = q.shape[-1]
+        keys, values = key_view(kv_cache, head_dim), value_view(kv_cache, head_dim)
+        num_kv_heads = keys.shape[1]
+        for c in chunks:
+            n = len(c.blocks) * keys.shape[-1]
+            # [blocks, KVH, D, BS] -> [KVH, keys, D]; [blocks, KVH, BS, D] -> [KVH, keys, D]
+            kc = keys[c.blocks].permute(1, 0, 3, 2).reshape(num_kv_heads, n, head_dim)[:, : c.seq_len]
+            vc = values[c.blocks].transpose(0, 1).reshape(num_kv_heads, n, head_dim)[:, : c.seq_len]
+            qc = q[c.t0:c.t1].transpose(0, 1)  # [H, L, D]
+            length, cached = c.t1 - c.t0, c.seq_len - (c.t1 - c.t0)
+            if cached == 0:
+                o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
+            else:  # query j sits at position cached + j
+                mask = torch.arange(c.seq_len)[None, :] <= (cached + torch.arange(length))[:, None]
+                o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[c.t0:c.t1] = o.transpose(0, 1)

@@ -2,14 +2,17 @@
 
     paged_attention.cpp   paged attention over a ragged batch (the "cpu" attention backend)
     fused_ops.cpp         RMSNorm (with the residual add), SiLU x up, rotary embedding
+    argmax.cpp            argmax of each logits row in its own dtype (greedy sampling)
     bindings.cpp          the Python module
 
 The extension is compiled on first use with torch.utils.cpp_extension (a C++17 compiler and ninja,
 `-O3 -march=native -fopenmp`) into $TOKENMILL_CACHE/torch_extensions/<hash> (default
 ~/.cache/tokenmill/...). The hash covers the sources, the torch version, the flags and the CPU, so
 a later process imports the cached library directly without touching the compiler.
-`cpu_ops_available()` says whether that worked with the AVX2/FMA kernels compiled in (and logs
-why not, once), so the engine can fall back to plain PyTorch.
+The kernels are written on one vector type as wide as the CPU they are built for (csrc/cpu_vec.h:
+16 float32 lanes with AVX-512, 8 with AVX2); `vector_lanes()` says which. `cpu_ops_available()`
+says whether the build worked (and logs why not, once), so the engine can fall back to plain
+PyTorch.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "bindings.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "argmax.cpp", "bindings.cpp")
 _NAME = "tokenmill_cpu_ops"
 # No -ffast-math: the kernels' float32 results must stay within rounding of the torch ops they
 # replace, and fast-math would also let the compiler assume no infinities (masked scores are -inf).
@@ -51,6 +54,11 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX's bfloat16 tile units (torch's flash-attention and GEMMs use them)."""
+    return "amx_bf16" in _cpu_flags().split()
 
 
 def build_directory() -> Path:
@@ -109,17 +117,13 @@ _warned = False
 
 
 def cpu_ops_available() -> bool:
-    """True if the extension builds (or is cached) and has its AVX2/FMA kernels; else warns once."""
+    """True if the extension builds (or is cached); else warns once."""
     global _warned
     try:
-        module = load_extension()
+        load_extension()
+        return True
     except RuntimeError as e:
         reason = str(e)
-    else:
-        if module.has_simd():
-            return True
-        reason = ("tokenmill's CPU extension was compiled without AVX2/FMA; its scalar fallbacks are "
-                  "slower than PyTorch's")
     if not _warned:
         _warned = True
         logger.warning("%s; using plain PyTorch instead", reason)
