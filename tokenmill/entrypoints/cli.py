@@ -26,6 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "where --num-threads leaves a CPU free)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
                    help="paged attention: the C++ kernel (cpu), plain PyTorch (torch), or cpu where it builds (auto)")
+    g.add_argument("--prefill-attention", default="auto", choices=["auto", "kernel", "sdpa"],
+                   help="cpu backend, prompt chunks: the C++ kernel, torch's SDPA, or sdpa for bfloat16 on AMX CPUs (auto)")
     g.add_argument("--trace", dest="trace_path", default=None, metavar="PATH",
                    help="write one JSON line per engine step to PATH (see `tokenmill trace`)")
 
@@ -33,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
              "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps", "trace_path", "num_threads",
-             "attention_backend", "async_scheduling")
+             "attention_backend", "prefill_attention", "async_scheduling")
     return {n: getattr(args, n) for n in names}
 
 
@@ -316,6 +318,26 @@ def add_bench_throughput_parser(sub) -> None:
     tp.set_defaults(func=cmd_bench_throughput)
 
 
+def cmd_bench_profile(args: argparse.Namespace) -> int:
+    from tokenmill.benchmarks.profile import main as bench_profile_main
+
+    return bench_profile_main(args, engine_kwargs(args))
+
+
+def add_bench_profile_parser(sub) -> None:
+    """`tokenmill bench profile`: where a steady decode step's time goes, part by part."""
+    bench_sub = _subcommand_group(sub, "bench", "benchmarks")
+    pf = bench_sub.add_parser("profile", help="time each part of a steady decode step (attention, GEMMs, "
+                                              "kernels, sampler, Python) at the batch sizes asked")
+    pf.add_argument("--workload", required=True, help="JSONL: prompt_token_ids per line (max_tokens is not used)")
+    pf.add_argument("--batch-sizes", default="64,128", help="comma-separated decode batch sizes (default 64,128)")
+    pf.add_argument("--steps", type=int, default=8, help="decode steps timed per batch size, plain and instrumented")
+    pf.add_argument("--skip-bandwidth", action="store_true", help="don't measure the machine's memory bandwidth")
+    pf.add_argument("--output-json", default=None, metavar="PATH", help="also write the figures as JSON")
+    add_engine_args(pf)
+    pf.set_defaults(func=cmd_bench_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parsers(sub)
     add_trace_sim_parsers(sub)
     add_bench_throughput_parser(sub)
+    add_bench_profile_parser(sub)
     return parser
 
 

@@ -1,0 +1,58 @@
+"""`tokenmill bench profile` on the tiny model: every part is timed, and the parts add up to the step."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmill.entrypoints.cli import main as cli_main
+
+SMALL_KV = 4_000_000  # bytes
+
+
+@pytest.fixture
+def workload(tmp_path):
+    path = tmp_path / "wl.jsonl"
+    path.write_text("".join(json.dumps({"prompt_token_ids": [100 + 17 * i + j for j in range(5 + 9 * i)],
+                                        "max_tokens": 4}) + "\n" for i in range(6)))
+    return path
+
+
+def test_bench_profile_parts_add_up(ext, tiny_llama_dir, workload, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    rc = cli_main(["bench", "profile", "--workload", str(workload), "--batch-sizes", "2,6", "--steps", "3",
+                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
+                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [r["batch_size"] for r in results] == [2, 6]
+    prompt_lens = [5 + 9 * i for i in range(6)]
+    for r in results:
+        n = r["batch_size"]
+        parts = r["parts_ms"]
+        for name in ("paged attention", "projections", "LM head", "sampler", "silu_and_mul",
+                     "RMSNorm (+ residual)", "RoPE", "embedding", "scheduler"):
+            assert parts[name] > 0, name
+        # The parts partition the instrumented step.
+        assert sum(parts.values()) == pytest.approx(r["step_instrumented_ms"], rel=1e-6)
+        # Every request decodes, each past its prompt by at least one token.
+        assert r["context_tokens"] > sum(prompt_lens[:n]) + n
+        assert r["attention_gb_s"] > 0 and r["projection_tflop_s"] > 0
+    assert "paged attention" in printed and "TFLOP/s" in printed and "2 req" in printed
+
+
+def test_profile_leaves_no_block_behind(ext, tiny_llama_dir, workload):
+    from tokenmill import LLM
+    from tokenmill.benchmarks.profile import profile_batch
+    from tokenmill.workload import load_workload
+
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    result = profile_batch(llm, load_workload(str(workload)), 4, steps=2)
+    assert result["batch_size"] == 4
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests()
+    engine.check_integrity()
+    assert engine.num_used_blocks == 0
+    with pytest.raises(ValueError, match="fewer than the batch size 7"):
+        profile_batch(llm, load_workload(str(workload)), 7, steps=2)
