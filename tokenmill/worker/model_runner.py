@@ -61,20 +61,23 @@ class ModelRunner:
         bs = self.block_size
         last = self._last_sampled
         pending = {r.request_id: last[r.request_id] for r in reqs if r.token_ids[-1] == PENDING_TOKEN}
+        n = len(reqs)
         input_ids = np.fromiter((t for r in reqs for t in r.token_ids), dtype=np.int64)
+        lens = np.fromiter((r.num_tokens for r in reqs), dtype=np.int64, count=n)
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=query_start_loc[1:])
         if pending:
-            ends = np.cumsum([r.num_tokens for r in reqs]) - 1
             for i, r in enumerate(reqs):
                 if r.request_id in pending:
-                    input_ids[ends[i]] = pending[r.request_id]
-        positions = np.concatenate([np.arange(r.start_pos, r.start_pos + r.num_tokens) for r in reqs])
-        lens = np.array([r.num_tokens for r in reqs])
-        query_start_loc = np.concatenate([[0], np.cumsum(lens)])
-        max_blocks = max(len(r.block_ids) for r in reqs)
-        block_tables = np.zeros((len(reqs), max_blocks), dtype=np.int64)
-        for i, r in enumerate(reqs):
-            block_tables[i, : len(r.block_ids)] = r.block_ids
-        req_of_token = np.repeat(np.arange(len(reqs)), lens)
+                    input_ids[query_start_loc[i + 1] - 1] = pending[r.request_id]
+        starts = np.fromiter((r.start_pos for r in reqs), dtype=np.int64, count=n)
+        # Token t of request i sits at position starts[i] + (t - query_start_loc[i]).
+        positions = np.arange(len(input_ids), dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], lens)
+        num_blocks = np.fromiter((len(r.block_ids) for r in reqs), dtype=np.int64, count=n)
+        block_tables = np.zeros((n, int(num_blocks.max())), dtype=np.int64)
+        block_tables[np.arange(block_tables.shape[1]) < num_blocks[:, None]] = np.fromiter(
+            (b for r in reqs for b in r.block_ids), dtype=np.int64, count=int(num_blocks.sum()))
+        req_of_token = np.repeat(np.arange(n), lens)
         slot_mapping = block_tables[req_of_token, positions // bs] * bs + positions % bs
 
         sampling = [i for i, r in enumerate(reqs) if r.samples]
@@ -82,7 +85,7 @@ class ModelRunner:
         attn_inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slot_mapping),
             query_start_loc=query_start_loc.tolist(),
-            seq_lens=[r.start_pos + r.num_tokens for r in reqs],
+            seq_lens=(starts + lens).tolist(),
             block_tables=torch.from_numpy(block_tables),
             block_size=bs,
         )
