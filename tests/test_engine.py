@@ -142,6 +142,23 @@ def test_step_api_streams_until_finished(llm, engine):
     engine.check_integrity()
 
 
+def test_final_only_requests_yield_just_their_finished_output(llm, engine):
+    from tokenmill import RequestOutputKind
+
+    engine.add_request("cum", ids(12), greedy(5))
+    engine.add_request("fin", ids(9), SamplingParams(max_tokens=5, ignore_eos=True, n=2, temperature=0.7, seed=3,
+                                                     output_kind=RequestOutputKind.FINAL_ONLY))
+    seen: dict[str, list[RequestOutput]] = {"cum": [], "fin": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [len(o.outputs[0].token_ids) for o in seen["cum"]] == [1, 2, 3, 4, 5]
+    (fin,) = seen["fin"]
+    assert fin.finished and [len(c.token_ids) for c in fin.outputs] == [5, 5]
+    with pytest.raises(ValueError, match="output_kind must be one of"):
+        SamplingParams(output_kind="final")
+
+
 def test_generate_returns_outputs_in_input_order(llm, engine):
     lens, max_tokens = [60, 5, 120, 20, 33], [3, 30, 1, 12, 7]  # they finish in another order
     prompts = [ids(n) for n in lens]

@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(Enum):
+    """Which RequestOutputs a request yields from LLMEngine.step() (vLLM's names and values)."""
+    CUMULATIVE = 0  # one every step it advances, with everything generated so far
+    FINAL_ONLY = 2  # only the finished one (what LLM.generate reads)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine, not the user: the model's EOS ids (ignored when ignore_eos).
     all_stop_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -72,6 +80,8 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}")
 
     @property
     def greedy(self) -> bool:

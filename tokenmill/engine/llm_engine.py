@@ -22,7 +22,7 @@ from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.request import Request, RequestStatus
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -239,7 +239,12 @@ class LLMEngine:
         self.num_steps += 1
         if self.config.log_steps or self._trace is not None:
             self._record_step(sched, t_start, finished)
-        return [self._make_output(pid) for pid in touched]
+        return [self._make_output(pid) for pid in touched if self._yields_output(pid)]
+
+    def _yields_output(self, parent_id: str) -> bool:
+        parent = self._parents[parent_id]
+        return (parent.children[0].sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY
+                or all(req.is_finished for req in parent.children))
 
     def _record_step(self, sched: SchedulerOutput, t_start: float, finished: list[str]) -> None:
         # With overlap, a batch is scheduled while the previous one runs: its step starts where

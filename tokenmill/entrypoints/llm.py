@@ -8,7 +8,7 @@ from tqdm import tqdm
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -40,6 +40,9 @@ class LLM:
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
 
+        # Only the finished outputs are read: the engine need not build one per request per step.
+        params_list = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) if isinstance(p, SamplingParams) else p
+                       for p in params_list]
         engine = self.llm_engine
         ids = []
         try:
