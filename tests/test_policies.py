@@ -40,7 +40,7 @@ class Sim:
         out = self.sched.schedule()
         for s in out.scheduled:
             self.first_step.setdefault(s.request_id, self.step_no)
-            if s.samples:
+            if s.will_sample:
                 req = self.reqs[s.request_id]
                 req.append_token(7)
                 if req.num_output_tokens >= req.sampling_params.max_tokens:

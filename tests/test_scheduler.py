@@ -1,6 +1,6 @@
 """Scheduler unit tests: pure Python, no model.
 
-A fake model stands in for the runner: every ScheduledRequest with `samples=True` gets one new token
+A fake model stands in for the runner: every ScheduledRequest with `will_sample=True` gets one new token
 appended, and a request is finished (FINISHED_LENGTH) once it has its target number of outputs.
 """
 from __future__ import annotations
@@ -67,13 +67,13 @@ class Sim:
         self.sched.finish_request(req, RequestStatus.FINISHED_ABORTED)
         assert req.status == RequestStatus.FINISHED_ABORTED
         assert req.block_ids == []
-        assert req not in self.sched.running and req not in list(self.sched.waiting)
+        assert req not in self.sched.running and req not in list(self.sched.policy)
         self.check_state()
 
     def step(self) -> SchedulerOutput:
         sched = self.sched
         running_before = [r.request_id for r in sched.running]
-        waiting_before = [r.request_id for r in sched.waiting]
+        waiting_before = [r.request_id for r in sched.policy]
         computed_before = {rid: self.reqs[rid].num_computed_tokens for rid in running_before + waiting_before}
         assert all(computed_before[rid] == 0 for rid in waiting_before)
 
@@ -82,7 +82,7 @@ class Sim:
 
         # the fake model: one token for each request whose step reaches its last known token
         for s in out.scheduled:
-            if s.samples:
+            if s.will_sample:
                 req = self.reqs[s.request_id]
                 req.append_token(output_token(self.index[req.request_id], req.num_output_tokens))
                 if req.num_output_tokens >= self.target[req.request_id]:
@@ -112,17 +112,17 @@ class Sim:
             assert s.start_pos == computed_before[s.request_id]
             assert req.num_computed_tokens == s.start_pos + s.num_tokens <= req.num_tokens
             assert s.token_ids == req.all_token_ids[s.start_pos:s.start_pos + s.num_tokens]
-            assert s.samples == (req.num_computed_tokens == req.num_tokens)
+            assert s.will_sample == (req.num_computed_tokens == req.num_tokens)
             assert s.block_ids == req.block_ids
             assert len(s.block_ids) == cdiv(req.num_computed_tokens, kv.block_size)  # lazily, not ahead
             if s.start_pos < req.num_prompt_tokens:
                 assert s.is_prefill
             elif s.num_tokens == 1:
                 assert not s.is_prefill  # a decode
-            if s.is_prefill and not s.samples:
+            if s.is_prefill and not s.will_sample:
                 self.num_chunked_prefills += 1
             if not sched.chunked_prefill:
-                assert s.samples  # without chunked prefill nothing is ever cut short
+                assert s.will_sample  # without chunked prefill nothing is ever cut short
 
         # decodes (and prefills in progress) first, then new prompts in FCFS order
         from_running = [rid for rid in ids if rid in running_before]
@@ -146,7 +146,7 @@ class Sim:
                     assert req.times.arrival_time > self.reqs[other].times.arrival_time
         if preempted:
             assert admitted == []
-        assert [r.request_id for r in sched.waiting] == list(reversed(preempted)) + waiting_before[len(admitted):]
+        assert [r.request_id for r in sched.policy] == list(reversed(preempted)) + waiting_before[len(admitted):]
 
         # a running request is only skipped when the token budget is spent
         skipped = set(running_before) - set(ids) - set(preempted)
@@ -155,8 +155,8 @@ class Sim:
 
         # work conservation: admission stops only for a reason
         left = budget - out.num_batched_tokens
-        if not preempted and len(sched.waiting) and left > 0 and len(sched.running) < sched.max_num_seqs:
-            head = sched.waiting.peek()
+        if not preempted and len(sched.policy) and left > 0 and len(sched.running) < sched.max_num_seqs:
+            head = sched.policy.peek()
             num_new = head.num_tokens
             if sched.chunked_prefill:
                 assert kv.num_new_blocks(head, min(num_new, left)) > kv.num_free_blocks
@@ -164,7 +164,7 @@ class Sim:
                 assert num_new > left or kv.num_new_blocks(head, num_new) > kv.num_free_blocks
 
         assert out.num_running == len(sched.running)
-        assert out.num_waiting == len(sched.waiting)
+        assert out.num_waiting == len(sched.policy)
         assert out.num_free_blocks == kv.num_free_blocks
 
     def check_state(self) -> None:
@@ -175,7 +175,7 @@ class Sim:
         for r in live:
             assert len(r.block_ids) == cdiv(r.num_computed_tokens, self.kv.block_size)
             assert not r.is_finished
-        for r in self.sched.waiting:
+        for r in self.sched.policy:
             assert r.block_ids == [] and r.num_computed_tokens == 0
 
     def run_to_completion(self, max_steps: int = 10_000) -> None:
@@ -201,7 +201,7 @@ def sched_ids(out: SchedulerOutput) -> list[str]:
 
 
 def waiting_ids(sched: Scheduler) -> list[str]:
-    return [r.request_id for r in sched.waiting]
+    return [r.request_id for r in sched.policy]
 
 
 # ---- basics ----------------------------------------------------------------------------------------
@@ -220,12 +220,12 @@ def test_single_request_prefill_then_decode():
     out = sim.step()
     (s,) = out.scheduled
     assert (s.request_id, s.start_pos, s.token_ids, s.block_ids) == ("a", 0, prompt_tokens(0, 6), [0, 1])
-    assert s.samples and s.is_prefill
+    assert s.will_sample and s.is_prefill
     assert out.num_prefills == 1 and out.num_decodes == 0
     out = sim.step()
     (s,) = out.scheduled
     assert (s.start_pos, s.token_ids, s.block_ids) == (6, [output_token(0, 0)], [0, 1])
-    assert s.samples and not s.is_prefill
+    assert s.will_sample and not s.is_prefill
     assert out.num_prefills == 0 and out.num_decodes == 1
     out = sim.step()
     (s,) = out.scheduled
@@ -282,7 +282,7 @@ def test_decodes_are_scheduled_before_new_prompts():
     sim.add("b", prompt_len=10, output_len=10)
     out = sim.step()
     # a's decode first; b gets the 7 tokens left of the budget
-    assert [(s.request_id, s.start_pos, s.num_tokens, s.is_prefill, s.samples) for s in out.scheduled] == [
+    assert [(s.request_id, s.start_pos, s.num_tokens, s.is_prefill, s.will_sample) for s in out.scheduled] == [
         ("a", 6, 1, False, True), ("b", 0, 7, True, False)]
     sim.add("c", prompt_len=2, output_len=10)
     out = sim.step()
@@ -331,7 +331,7 @@ def test_chunked_prefill_splits_long_prompt():
     chunks = []
     for _ in range(4):
         (s,) = sim.step().scheduled
-        chunks.append((s.start_pos, s.token_ids, s.block_ids, s.samples, s.is_prefill))
+        chunks.append((s.start_pos, s.token_ids, s.block_ids, s.will_sample, s.is_prefill))
     assert chunks == [
         (0, prompt[0:4], [0], False, True),
         (4, prompt[4:8], [0, 1], False, True),
@@ -362,7 +362,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget():
     assert waiting_ids(sim.sched) == ["b", "c"]
     out = sim.step()
     assert [(s.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 4), ("c", 1)]
-    assert all(s.samples for s in out.scheduled)
+    assert all(s.will_sample for s in out.scheduled)
     sim.run_to_completion()
 
     # the same requests with chunked prefill: b's prompt is cut to the 2 tokens left
@@ -371,7 +371,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_the_whole_budget():
     sim.add("b", prompt_len=4, output_len=5)
     sim.add("c", prompt_len=1, output_len=5)
     out = sim.step()
-    assert [(s.request_id, s.num_tokens, s.samples) for s in out.scheduled] == [("a", 6, True), ("b", 2, False)]
+    assert [(s.request_id, s.num_tokens, s.will_sample) for s in out.scheduled] == [("a", 6, True), ("b", 2, False)]
 
 
 def test_without_chunked_prefill_config_rejects_budget_below_max_model_len():
@@ -419,7 +419,7 @@ def test_recompute_preemption_of_latest_arrival():
     out = sim.step()
     # b recomputes its prompt and its 2 outputs in one prefill, then samples its 3rd token
     sb, sc = out.scheduled
-    assert (sb.request_id, sb.start_pos, sb.is_prefill, sb.samples) == ("b", 0, True, True)
+    assert (sb.request_id, sb.start_pos, sb.is_prefill, sb.will_sample) == ("b", 0, True, True)
     assert sb.token_ids == prompt_tokens(1, 7) + [output_token(1, 0), output_token(1, 1)]
     assert sb.block_ids == [2, 3, 1]  # a's blocks [0, 1, 3, 2] came back as 2, 3, 1, 0
     assert (sc.request_id, sc.block_ids) == ("c", [0])

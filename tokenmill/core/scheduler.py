@@ -62,7 +62,7 @@ class ScheduledRequest:
     token_ids: list[int]  # the tokens fed this step; the last may be PENDING_TOKEN (see above)
     start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
     block_ids: list[int]  # block table after this step's allocation
-    samples: bool  # the step reaches the request's last known token: sample the next one
+    will_sample: bool  # the step reaches the request's last known token: sample the next one
     is_prefill: bool
     sampling_params: SamplingParams
     generator: torch.Generator | None
@@ -122,7 +122,7 @@ class Scheduler:
         self.output_ratio = config.initial_output_ratio  # expected output tokens / max_tokens
         self.output_ratio_decay = config.output_ratio_decay
         self.kv = kv_cache_manager
-        self.waiting = policy
+        self.policy = policy  # the waiting queue (swapped requests included), in the policy's order
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.forks: dict[str, tuple[Request, list[Request]]] = {}  # leader id -> (leader, samples)
@@ -138,7 +138,7 @@ class Scheduler:
         if fork_of is not None:
             self.forks.setdefault(fork_of.request_id, (fork_of, []))[1].append(request)
         else:
-            self.waiting.add(request)
+            self.policy.add(request)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted): leave the queues, give back its blocks."""
@@ -147,10 +147,10 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.SWAPPED:
             self.swapped.remove(request)
-            self.waiting.remove(request)
+            self.policy.remove(request)
         elif request.status == RequestStatus.WAITING:
             if not self._remove_pending_fork(request):
-                self.waiting.remove(request)
+                self.policy.remove(request)
         request.status = status
         self.kv.free(request)
         if status != RequestStatus.FINISHED_ABORTED:
@@ -174,15 +174,15 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         """Requests waiting to start or resume, swapped ones not included."""
-        return len(self.waiting) - len(self.swapped) + sum(len(s) for _, s in self.forks.values())
+        return len(self.policy) - len(self.swapped) + sum(len(s) for _, s in self.forks.values())
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.running) + len(self.waiting) + sum(len(s) for _, s in self.forks.values())
+        return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values())
 
     def live_requests(self) -> Iterable[Request]:
         yield from self.running
-        yield from self.waiting  # swapped requests included
+        yield from self.policy  # swapped requests included
         for _, samples in self.forks.values():
             yield from samples
 
@@ -220,17 +220,17 @@ class Scheduler:
                     sample.status = RequestStatus.RUNNING
                     self.running.append(sample)
                 else:
-                    self.waiting.add(sample)  # on its own (still sharing cached prefix blocks)
+                    self.policy.add(sample)  # on its own (still sharing cached prefix blocks)
 
     def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         self._preempted_only_for_waiting = False
-        while len(self.waiting):
-            head = self.waiting.peek()
+        while len(self.policy):
+            head = self.policy.peek()
             first_chunk = min(head.num_tokens_with_pending - head.num_computed_tokens, self.max_num_batched_tokens)
             if len(self.running) < self.max_num_seqs and \
                     self.kv.num_new_blocks(head, first_chunk) <= self.kv.num_free_blocks:
                 break
-            victim = self.waiting.preempt_for(head, self.running)
+            victim = self.policy.preempt_for(head, self.running)
             if victim is None:
                 break
             self._preempt(victim, out)
@@ -245,20 +245,20 @@ class Scheduler:
                 continue
             num_new = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.waiting.choose_victim(self.running[i:])
+                victim = self.policy.choose_victim(self.running[i:])
                 self._preempt(victim, out)
                 self._preempted_only_for_waiting = False
                 if victim is req:
                     break
             else:
-                self._take(req, num_new, out)
+                self._schedule_tokens(req, num_new, out)
                 budget -= num_new
                 i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.peek()
+        while len(self.policy) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.policy.peek()
             if req.num_pending_tokens:
                 break  # preempted with its last sample in flight: resume once the engine has it
             swapped = req.status == RequestStatus.SWAPPED
@@ -278,10 +278,10 @@ class Scheduler:
                 if not self.kv.allocate_slots(req, num_new, cached):
                     break
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
-            self.waiting.pop()
+            self.policy.pop()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self._take(req, num_new, out)
+            self._schedule_tokens(req, num_new, out)
             budget -= num_new
 
     def _expected_remaining_output(self, req: Request) -> int:
@@ -319,14 +319,14 @@ class Scheduler:
         return (req.num_output_tokens + req.num_pending_tokens >= req.sampling_params.max_tokens
                 or req.num_tokens_with_pending >= self.max_model_len)
 
-    def _take(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+    def _schedule_tokens(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
         req.num_computed_tokens += num_new
         token_ids = req.all_token_ids[start:start + num_new]
         if len(token_ids) < num_new:  # the pending token: only the model runner knows it yet
             token_ids.append(PENDING_TOKEN)
-        samples = req.num_computed_tokens == req.num_tokens_with_pending
-        if samples:
+        will_sample = req.num_computed_tokens == req.num_tokens_with_pending
+        if will_sample:
             req.num_pending_tokens += 1
         params = req.sampling_params
         out.scheduled.append(ScheduledRequest(
@@ -334,7 +334,7 @@ class Scheduler:
             token_ids=token_ids,
             start_pos=start,
             block_ids=list(req.block_ids),
-            samples=samples,
+            will_sample=will_sample,
             is_prefill=num_new > 1 or start < req.num_prompt_tokens,
             sampling_params=params,
             generator=req.generator,
@@ -351,10 +351,10 @@ class Scheduler:
             req.status = RequestStatus.SWAPPED
             self.swapped.append(req)
             self.num_swap_outs += 1
-            self.waiting.add_preempted(req)
+            self.policy.add_preempted(req)
             return
         # Recompute: drop the KV, keep the tokens; they are computed again on resume.
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
-        self.waiting.add_preempted(req)
+        self.policy.add_preempted(req)

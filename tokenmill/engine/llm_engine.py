@@ -178,18 +178,19 @@ class LLMEngine:
         """
         if self._executor is None:
             t_start = time.time()
-            sched = self.scheduler.schedule()
-            if sched.is_empty:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:
                 return []
-            owners = self._mark_scheduled(sched, t_start)
-            return self._process(sched, owners, self.runner.execute(sched), t_start)
+            requests_by_id = self._mark_scheduled(scheduler_output, t_start)
+            result = self.runner.execute(scheduler_output)
+            return self._process(scheduler_output, requests_by_id, result, t_start)
         if not self._in_flight:
             self._submit()  # start the pipeline: the batch after it is scheduled right below
         self._submit()  # schedule step N+1 while step N computes
         if not self._in_flight:
             return []
-        sched, owners, future, t_start = self._in_flight.popleft()
-        outputs = self._process(sched, owners, future.result(), t_start)
+        scheduler_output, requests_by_id, future, t_start = self._in_flight.popleft()
+        outputs = self._process(scheduler_output, requests_by_id, future.result(), t_start)
         if self._in_flight and not self._parents:
             # Nothing is left to serve: finish the batch in flight (its samples are dropped) so the
             # runner is idle when step() returns.
@@ -198,28 +199,29 @@ class LLMEngine:
 
     def _submit(self) -> None:
         t_start = time.time()
-        sched = self.scheduler.schedule()
-        if not sched.is_empty:
-            owners = self._mark_scheduled(sched, t_start)
-            self._in_flight.append((sched, owners, self._executor.submit(self.runner.execute, sched), t_start))
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.is_empty:
+            requests_by_id = self._mark_scheduled(scheduler_output, t_start)
+            future = self._executor.submit(self.runner.execute, scheduler_output)
+            self._in_flight.append((scheduler_output, requests_by_id, future, t_start))
 
-    def _mark_scheduled(self, sched: SchedulerOutput, t_start: float) -> dict[str, Request]:
+    def _mark_scheduled(self, scheduler_output: SchedulerOutput, t_start: float) -> dict[str, Request]:
         """The batch's requests by id (the objects: an id may be reused once its request ends)."""
-        owners = {s.request_id: self._requests[s.request_id] for s in sched.scheduled}
-        for req in owners.values():
+        requests_by_id = {s.request_id: self._requests[s.request_id] for s in scheduler_output.scheduled}
+        for req in requests_by_id.values():
             if req.times.first_scheduled_time is None:
                 req.times.first_scheduled_time = t_start
                 self._num_prompt_tokens += req.num_prompt_tokens
-        return owners
+        return requests_by_id
 
-    def _process(self, sched: SchedulerOutput, owners: dict[str, Request], result,
+    def _process(self, scheduler_output: SchedulerOutput, requests_by_id: dict[str, Request], result,
                  t_start: float) -> list[RequestOutput]:
         """Append the sampled tokens, check stops, finish requests; the outputs of those advanced."""
         now = time.time()
         touched: dict[str, None] = {}
         finished: list[str] = []
         for rid, (token, logprobs) in result.sampled.items():
-            req = owners[rid]
+            req = requests_by_id[rid]
             if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
                 continue
             req.append_token(token)
@@ -236,10 +238,10 @@ class LLMEngine:
             self._num_generation_tokens += 1
         self.num_steps += 1
         if self.config.log_steps or self._trace is not None:
-            self._record_step(sched, t_start, finished)
+            self._record_step(scheduler_output, t_start, finished)
         return [self._make_output(pid) for pid in touched]
 
-    def _record_step(self, sched: SchedulerOutput, t_start: float, finished: list[str]) -> None:
+    def _record_step(self, scheduler_output: SchedulerOutput, t_start: float, finished: list[str]) -> None:
         # With overlap, a batch is scheduled while the previous one runs: its step starts where
         # that one's ended, so the steps tile the timeline.
         t_start = max(t_start, self._last_step_end)
@@ -248,10 +250,10 @@ class LLMEngine:
             step=self.num_steps, t_start=t_start, t_end=self._last_step_end,
             scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens,
                         "num_computed_tokens": s.start_pos, "phase": "prefill" if s.is_prefill else "decode"}
-                       for s in sched.scheduled],
-            preempted=list(sched.preempted_ids), finished=finished,
-            num_running=sched.num_running, num_waiting=sched.num_waiting, num_swapped=sched.num_swapped,
-            free_blocks=sched.num_free_blocks, cached_blocks=sched.num_cached_blocks)
+                       for s in scheduler_output.scheduled],
+            preempted=list(scheduler_output.preempted_ids), finished=finished,
+            num_running=scheduler_output.num_running, num_waiting=scheduler_output.num_waiting, num_swapped=scheduler_output.num_swapped,
+            free_blocks=scheduler_output.num_free_blocks, cached_blocks=scheduler_output.num_cached_blocks)
         if self.config.log_steps:
             print(record.format(), file=sys.stderr, flush=True)
         if self._trace is not None:
@@ -323,7 +325,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.policy),
             num_swapped=self.scheduler.num_swapped, num_free_blocks=kv.num_free_blocks,
             num_cached_blocks=kv.num_cached_blocks, kv_cache_usage=kv.usage,
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,

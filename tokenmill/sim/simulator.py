@@ -210,7 +210,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
                             num_host_blocks=num_host_blocks)
     else:
         kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    sched = Scheduler(config, kv, make_policy(config.scheduling_policy, config))
+    scheduler = Scheduler(config, kv, make_policy(config.scheduling_policy, config))
 
     trace = TraceWriter(trace_path) if trace_path else None
     live: dict[str, Request] = {}
@@ -225,10 +225,10 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
             req = Request(str(nxt), a.prompt_token_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                           priority=a.record.priority, arrival_time=a.time, tenant=a.record.tenant)
             live[req.request_id] = req
-            sched.add_request(req)
+            scheduler.add_request(req)
             nxt += 1
         t0 = time.perf_counter()
-        out = sched.schedule()
+        out = scheduler.schedule()
         schedule_time += time.perf_counter() - t0
         if out.is_empty:
             if nxt < n:  # idle until the next arrival
@@ -250,7 +250,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
         total_tokens += num_tokens
         done: list[str] = []
         for s in out.scheduled:
-            if not s.samples:
+            if not s.will_sample:
                 continue
             req = live[s.request_id]
             req.append_token(_FAKE_TOKEN)
@@ -259,7 +259,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
                 times.first_token_time = now
             if req.num_output_tokens >= req.sampling_params.max_tokens:
                 times.finished_time = now
-                sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
+                scheduler.finish_request(req, RequestStatus.FINISHED_LENGTH)
                 del live[s.request_id]
                 done.append(s.request_id)
                 finished.append(RequestStats(
@@ -281,7 +281,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
     queries = kv.prefix_cache_queries
     return SimResult(
         policy=config.scheduling_policy, requests=finished, num_steps=num_steps,
-        sim_time=now - arrivals[0].time, num_preemptions=sched.num_preemptions,
+        sim_time=now - arrivals[0].time, num_preemptions=scheduler.num_preemptions,
         mean_batch_size=total_batch / num_steps if num_steps else 0.0,
         mean_tokens_per_step=total_tokens / num_steps if num_steps else 0.0,
         prefix_cache_hit_rate=kv.prefix_cache_hits / queries if queries else 0.0,
