@@ -104,7 +104,7 @@ def test_abort_mid_stream_frees_blocks_and_others_finish(tiny_llama_dir, offline
     assert busy <= 1  # the victim was gone at once; at most "keep" still ran
     assert final.outputs[0].token_ids == expected.outputs[0].token_ids
     assert used == 0
-    assert stats.num_running == stats.num_waiting == 0
+    assert stats.scheduler.num_running == stats.scheduler.num_waiting == 0
 
 
 async def _last(stream):

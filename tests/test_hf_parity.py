@@ -224,14 +224,14 @@ def test_prefix_cache_hit(request, name):
     prompts = [{"prompt_token_ids": prefix + [rng.randrange(100, 49000) for _ in range(n)]} for n in (3, 16, 40, 1)]
     max_tokens = [12, 20, 8, 16]
     llm, _ = _case(model_dir, prompts, max_tokens, True, kv_cache_memory=16 << 20)
-    stats = llm.llm_engine.stats()
+    stats = llm.llm_engine.stats().scheduler
     # Within the first run the later prompts already share the prefix's 4 full blocks.
     assert stats.prefix_cache_hits >= 3 * 64
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
     again = llm.generate(prompts, params, use_tqdm=False)
     for prompt, k, out in zip(prompts, max_tokens, again):
         assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt["prompt_token_ids"], k, True)
-    after = llm.llm_engine.stats()
+    after = llm.llm_engine.stats().scheduler
     assert after.prefix_cache_hits - stats.prefix_cache_hits >= 4 * 64
     llm.llm_engine.check_integrity()
     assert llm.llm_engine.num_used_blocks == 0 and after.num_cached_blocks > 0

@@ -163,9 +163,9 @@ class Sim:
             else:
                 assert num_new > left or kv.num_new_blocks(head, num_new) > kv.num_free_blocks
 
-        assert out.num_running == len(sched.running)
-        assert out.num_waiting == len(sched.policy)
-        assert out.num_free_blocks == kv.num_free_blocks
+        assert out.stats.num_running == len(sched.running)
+        assert out.stats.num_waiting == len(sched.policy)
+        assert out.stats.num_free_blocks == kv.num_free_blocks
 
     def check_state(self) -> None:
         self.sched.check_integrity()
@@ -211,7 +211,7 @@ def test_empty_schedule():
     sim = Sim(make_scheduler())
     out = sim.step()
     assert out.is_empty and out.preempted_ids == []
-    assert out.num_batched_tokens == 0 and out.num_free_blocks == 8
+    assert out.num_batched_tokens == 0 and out.stats.num_free_blocks == 8
 
 
 def test_single_request_prefill_then_decode():
@@ -391,7 +391,7 @@ def test_recompute_preemption_of_latest_arrival():
     out = sim.step()
     assert [(s.request_id, s.block_ids) for s in out.scheduled] == [("a", [0, 1]), ("b", [2, 3])]
     out = sim.step()  # both decode their 8th token: still 2 blocks each
-    assert sched_ids(out) == ["a", "b"] and out.num_free_blocks == 0
+    assert sched_ids(out) == ["a", "b"] and out.stats.num_free_blocks == 0
     c = sim.add("c", prompt_len=2, output_len=1)
 
     out = sim.step()
@@ -403,7 +403,7 @@ def test_recompute_preemption_of_latest_arrival():
     assert b.output_token_ids == [output_token(1, 0), output_token(1, 1)]  # tokens are kept
     # b goes back in front of c; c (one block, and one is free) is not admitted in this step
     assert waiting_ids(sim.sched) == ["b", "c"]
-    assert out.num_free_blocks == 1 and out.num_running == 1 and out.num_waiting == 2
+    assert out.stats.num_free_blocks == 1 and out.stats.num_running == 1 and out.stats.num_waiting == 2
     assert c.status == RequestStatus.WAITING
 
     out = sim.step()
@@ -435,7 +435,7 @@ def test_victim_is_latest_arrival_even_if_it_is_the_requester():
     out = sim.step()
     assert [(s.request_id, s.block_ids) for s in out.scheduled] == [("a", [0, 1]), ("b", [2])]
     out = sim.step()  # a's 8th token fits; b's 5th takes the last block
-    assert b.block_ids == [2, 3] and out.num_free_blocks == 0
+    assert b.block_ids == [2, 3] and out.stats.num_free_blocks == 0
     out = sim.step()
     assert out.preempted_ids == ["a"]
     assert sched_ids(out) == ["b"]  # b still runs in the same step

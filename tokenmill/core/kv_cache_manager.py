@@ -61,10 +61,6 @@ class KVCacheManager:
     def num_free_host_blocks(self) -> int:
         return len(self._host_free)
 
-    @property
-    def usage(self) -> float:
-        return self.pool.num_used_blocks / self.pool.num_blocks
-
     # ---- prefix cache ------------------------------------------------------------------------
 
     def find_cached_prefix(self, request: Request) -> list[int]:

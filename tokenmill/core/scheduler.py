@@ -74,6 +74,35 @@ class ScheduledRequest:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The queues and the KV cache at one moment, counted by the scheduler: the one definition that
+    the engine's stats, /metrics, the step trace, the server's queue limit and the simulator read."""
+    num_running: int
+    num_waiting: int  # waiting to start or resume: new, recompute-preempted, samples not yet forked
+    num_swapped: int  # preempted with their KV in host memory (not counted in num_waiting)
+    num_used_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int  # free blocks that still hold a reusable prefix
+    # Counters since the scheduler started (never reset, so rates and ratios are exact).
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_preemptions: int
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.num_used_blocks + self.num_free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Used blocks / all blocks."""
+        return self.num_used_blocks / self.num_total_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
@@ -83,11 +112,7 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # device -> device
     # The queues and the cache right after this decision (what the step trace records).
-    num_running: int = 0
-    num_waiting: int = 0
-    num_swapped: int = 0
-    num_free_blocks: int = 0
-    num_cached_blocks: int = 0
+    stats: SchedulerStats | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -180,6 +205,14 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values())
 
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=self.num_waiting, num_swapped=self.num_swapped,
+            num_used_blocks=kv.num_used_blocks, num_free_blocks=kv.num_free_blocks,
+            num_cached_blocks=kv.num_cached_blocks, prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
+
     def live_requests(self) -> Iterable[Request]:
         yield from self.running
         yield from self.policy  # swapped requests included
@@ -199,11 +232,7 @@ class Scheduler:
         if not out.preempted_ids or self._preempted_only_for_waiting:
             self._schedule_waiting(out, budget)
         out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy = self.kv.take_pending_ops()
-        out.num_running = len(self.running)
-        out.num_waiting = self.num_waiting
-        out.num_swapped = self.num_swapped
-        out.num_free_blocks = self.kv.num_free_blocks
-        out.num_cached_blocks = self.kv.num_cached_blocks
+        out.stats = self.make_stats()
         return out
 
     def _release_forks(self) -> None:

@@ -142,6 +142,12 @@ class AsyncLLMEngine:
         """The engine's figures as of its last step or command (any thread, never blocks)."""
         return self._stats
 
+    def queue_is_full(self) -> bool:
+        """max_queued_requests requests wait to be scheduled (the scheduler's num_waiting: swapped
+        requests, already admitted once, do not count). Read on the engine thread."""
+        limit = self.max_queued_requests
+        return limit is not None and self.engine.stats().scheduler.num_waiting >= limit
+
     # ---- requests ----------------------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -153,9 +159,8 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, self)
 
         def add() -> None:
-            limit = self.max_queued_requests
-            if limit is not None and self.engine.stats().num_waiting >= limit:
-                raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
+            if self.queue_is_full():
+                raise QueueFullError(f"the waiting queue is full ({self.max_queued_requests} requests); retry later")
             self.engine.add_request(request_id, prompt, params, priority=priority,
                                     arrival_time=arrival_time, tenant=tenant)
             self._live.add(request_id)

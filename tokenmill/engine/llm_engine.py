@@ -246,14 +246,7 @@ class LLMEngine:
         # that one's ended, so the steps tile the timeline.
         t_start = max(t_start, self._last_step_end)
         self._last_step_end = time.time()
-        record = StepRecord(
-            step=self.num_steps, t_start=t_start, t_end=self._last_step_end,
-            scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens,
-                        "num_computed_tokens": s.start_pos, "phase": "prefill" if s.is_prefill else "decode"}
-                       for s in scheduler_output.scheduled],
-            preempted=list(scheduler_output.preempted_ids), finished=finished,
-            num_running=scheduler_output.num_running, num_waiting=scheduler_output.num_waiting, num_swapped=scheduler_output.num_swapped,
-            free_blocks=scheduler_output.num_free_blocks, cached_blocks=scheduler_output.num_cached_blocks)
+        record = StepRecord.of_step(self.num_steps, t_start, self._last_step_end, scheduler_output, finished)
         if self.config.log_steps:
             print(record.format(), file=sys.stderr, flush=True)
         if self._trace is not None:
@@ -312,25 +305,21 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.scheduler.kv.num_free_blocks
+        return self.scheduler.make_stats().num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:
-        return self.scheduler.kv.num_used_blocks
+        return self.scheduler.make_stats().num_used_blocks
 
     @property
     def num_total_blocks(self) -> int:
-        return self.scheduler.kv.pool.num_blocks
+        return self.scheduler.make_stats().num_total_blocks
 
     def stats(self) -> EngineStats:
-        kv = self.scheduler.kv
-        return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.policy),
-            num_swapped=self.scheduler.num_swapped, num_free_blocks=kv.num_free_blocks,
-            num_cached_blocks=kv.num_cached_blocks, kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self._num_prompt_tokens,
-            generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
+        """The scheduler's snapshot (queues, KV blocks, prefix hits, preemptions) and the engine's token
+        counters."""
+        return EngineStats(scheduler=self.scheduler.make_stats(), prompt_tokens=self._num_prompt_tokens,
+                           generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
 
     def close(self) -> None:
         while self._in_flight:

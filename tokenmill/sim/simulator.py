@@ -267,25 +267,18 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
                     first_token=times.first_token_time, finished=now, num_prompt_tokens=req.num_prompt_tokens,
                     num_output_tokens=req.num_output_tokens, num_preemptions=req.num_preemptions))
         if trace is not None:
-            trace.write(StepRecord(
-                step=num_steps, t_start=t_start, t_end=now,
-                scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens, "num_computed_tokens": s.start_pos,
-                            "phase": "prefill" if s.is_prefill else "decode"} for s in out.scheduled],
-                preempted=list(out.preempted_ids), finished=done, num_running=out.num_running,
-                num_waiting=out.num_waiting, num_swapped=out.num_swapped, free_blocks=out.num_free_blocks,
-                cached_blocks=out.num_cached_blocks))
+            trace.write(StepRecord.of_step(num_steps, t_start, now, out, done))
     if trace is not None:
         trace.close()
         write_arrivals(trace_path, {str(i): a.time for i, a in enumerate(arrivals)})
     finished.sort(key=lambda r: r.arrival)
-    queries = kv.prefix_cache_queries
+    stats = scheduler.make_stats()
     return SimResult(
         policy=config.scheduling_policy, requests=finished, num_steps=num_steps,
-        sim_time=now - arrivals[0].time, num_preemptions=scheduler.num_preemptions,
+        sim_time=now - arrivals[0].time, num_preemptions=stats.num_preemptions,
         mean_batch_size=total_batch / num_steps if num_steps else 0.0,
         mean_tokens_per_step=total_tokens / num_steps if num_steps else 0.0,
-        prefix_cache_hit_rate=kv.prefix_cache_hits / queries if queries else 0.0,
-        num_used_blocks_at_end=kv.num_used_blocks,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate, num_used_blocks_at_end=stats.num_used_blocks,
         wall_time=time.perf_counter() - wall0, schedule_time=schedule_time,
         config={"num_blocks": num_blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
                 "max_num_batched_tokens": config.max_num_batched_tokens, "cost_model": asdict(cost_model)})
