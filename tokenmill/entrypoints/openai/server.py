@@ -111,11 +111,10 @@ class OpenAIServer:
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
-        llm_engine = engine.engine
         # NOTE: a private copy: Rust tokenizers must not be used from two threads at once.
-        self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
-        self.max_model_len = llm_engine.config.max_model_len
-        self.vocab_size = llm_engine.vocab_size
+        self.tokenizer = copy.deepcopy(engine.get_tokenizer())
+        self.max_model_len = engine.config.max_model_len
+        self.vocab_size = engine.vocab_size
         self._token_text: dict[int, str] = {}
 
     # ---- shared helpers -----------------------------------------------------------------------
@@ -587,7 +586,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, root=str(engine.engine.config.model or model_name),
+        return ModelList(data=[ModelCard(id=model_name, root=str(engine.config.model or model_name),
                                          max_model_len=server.max_model_len)])
 
     @app.post("/v1/completions", dependencies=auth)
@@ -625,5 +624,5 @@ def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000, a
     engine.listener = metrics
     app = build_app(engine, model_name, metrics, api_key)
     logger.info("serving %s on http://%s:%d (max_model_len %d, %d KV blocks)", model_name, host, port,
-                engine.engine.config.max_model_len, engine.engine.num_total_blocks)
+                engine.config.max_model_len, engine.stats().scheduler.num_total_blocks)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
