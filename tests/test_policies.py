@@ -42,7 +42,7 @@ class Sim:
             self.first_step.setdefault(s.request_id, self.step_no)
             if s.will_sample:
                 req = self.reqs[s.request_id]
-                req.append_token(7)
+                self.sched.append_token(req, 7)
                 if req.num_output_tokens >= req.sampling_params.max_tokens:
                     self.sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
                     self.finish_step[req.request_id] = self.step_no
@@ -230,7 +230,7 @@ def test_admission_control_learns_the_output_ratio():
     for i in range(10):
         req = sim.add(f"r{i}", prompt_len=4, max_tokens=40)
         sim.step()
-        req.status = RequestStatus.RUNNING
+        assert req.status == RequestStatus.RUNNING
         sim.sched.finish_request(req, RequestStatus.FINISHED_STOPPED)  # stopped after 1 of 40 tokens
     assert sim.sched.output_ratio == pytest.approx(0.9 ** 10 + (1 - 0.9 ** 10) * (1 / 40))
     assert sim.sched.kv.num_used_blocks == 0

@@ -31,7 +31,7 @@ def run_step(sched: Scheduler, reqs: dict[str, Request], next_token=lambda rid: 
     out = sched.schedule()
     for s in out.scheduled:
         if s.will_sample:
-            reqs[s.request_id].append_token(next_token(s.request_id))
+            sched.append_token(reqs[s.request_id], next_token(s.request_id))
     sched.check_integrity()
     return out
 

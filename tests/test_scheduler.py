@@ -84,7 +84,7 @@ class Sim:
         for s in out.scheduled:
             if s.will_sample:
                 req = self.reqs[s.request_id]
-                req.append_token(output_token(self.index[req.request_id], req.num_output_tokens))
+                sched.append_token(req, output_token(self.index[req.request_id], req.num_output_tokens))
                 if req.num_output_tokens >= self.target[req.request_id]:
                     sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
                     assert req.block_ids == []

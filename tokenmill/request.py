@@ -12,6 +12,10 @@ Glossary (one meaning per name, used everywhere):
   block_ids            the request's block table (logical block i -> physical block id), owned and
                        changed only by the KVCacheManager (as are block_hashes,
                        num_registered_blocks and swapped_block_ids).
+
+One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status
+and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
+block fields above, reporting what it found (cached blocks) for the scheduler to count.
 """
 from __future__ import annotations
 
@@ -106,10 +110,10 @@ class Request:
         return len(self.all_token_ids) + self.num_pending_tokens
 
     def append_token(self, token_id: int) -> None:
-        """A sampled token has come back from the model runner: it is known now, no longer pending."""
+        """A sampled token joins the request's tokens (Scheduler.append_token calls it, and settles
+        num_pending_tokens)."""
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "

@@ -158,8 +158,8 @@ class Scheduler:
     # ---- bookkeeping ----------------------------------------------------------------------------
 
     def add_request(self, request: Request, fork_of: Request | None = None) -> None:
-        """Queue a request; with fork_of, it is another sample of that (leader) request."""
-        request.status = RequestStatus.WAITING
+        """Queue a new (WAITING) request; with fork_of, it is another sample of that (leader) request."""
+        assert request.status == RequestStatus.WAITING and not request.num_computed_tokens
         if fork_of is not None:
             self.forks.setdefault(fork_of.request_id, (fork_of, []))[1].append(request)
         else:
@@ -182,6 +182,12 @@ class Scheduler:
             observed = request.num_output_tokens / request.sampling_params.max_tokens
             self.output_ratio = (self.output_ratio_decay * self.output_ratio
                                  + (1 - self.output_ratio_decay) * observed)
+
+    def append_token(self, request: Request, token_id: int) -> None:
+        """A token sampled for `request` has come back from the model runner: it joins the
+        request's tokens and is no longer pending."""
+        request.append_token(token_id)
+        request.num_pending_tokens = max(0, request.num_pending_tokens - 1)
 
     def _remove_pending_fork(self, request: Request) -> bool:
         for leader_id, (_, samples) in self.forks.items():
@@ -245,9 +251,10 @@ class Scheduler:
             del self.forks[leader_id]
             for sample in samples:
                 if leader.status == RequestStatus.RUNNING and len(self.running) < self.max_num_seqs:
-                    self.kv.fork(leader, sample, sample.num_prompt_tokens - 1)
-                    sample.status = RequestStatus.RUNNING
-                    self.running.append(sample)
+                    shared = sample.num_prompt_tokens - 1
+                    self.kv.fork(leader, sample, shared)
+                    sample.num_computed_tokens = shared
+                    self._start_running(sample)
                 else:
                     self.policy.add(sample)  # on its own (still sharing cached prefix blocks)
 
@@ -306,12 +313,16 @@ class Scheduler:
             else:
                 if not self.kv.allocate_slots(req, num_new, cached):
                     break
+                req.num_computed_tokens += num_cached
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
             self.policy.pop()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._start_running(req)
             self._schedule_tokens(req, num_new, out)
             budget -= num_new
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _expected_remaining_output(self, req: Request) -> int:
         expected_output = round(self.output_ratio * req.sampling_params.max_tokens)

@@ -224,7 +224,7 @@ class LLMEngine:
             req = requests_by_id[rid]
             if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
                 continue
-            req.append_token(token)
+            self.scheduler.append_token(req, token)
             if logprobs is not None:
                 req.output_logprobs.append(logprobs)
             if req.times.first_token_time is None:

@@ -253,7 +253,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
             if not s.will_sample:
                 continue
             req = live[s.request_id]
-            req.append_token(_FAKE_TOKEN)
+            scheduler.append_token(req, _FAKE_TOKEN)
             times = req.times
             if times.first_token_time is None:
                 times.first_token_time = now
