@@ -355,8 +355,9 @@ def _others_complete(engine: LLMEngine, expected: dict[str, list[int]]) -> None:
 def test_bad_prompt_rejected_others_served(llm, engine, prompt, match):
     expected = _queue_others(engine, llm)
     used = engine.num_used_blocks
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:
         engine.add_request("bad", prompt, greedy(4))
+    assert getattr(e.value, "param", None) in ("prompt", "prompt_token_ids")  # the field, for the server
     assert engine.num_used_blocks == used
     assert "bad" not in engine._parents and live_request(engine, "bad") is None
     _others_complete(engine, expected)

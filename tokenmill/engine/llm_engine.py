@@ -17,6 +17,7 @@ from tokenmill.core.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
 from tokenmill.engine.trace import StepRecord, TraceWriter
+from tokenmill.errors import ParamError
 from tokenmill.models.layers.attention import get_attention_backend
 from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
@@ -117,32 +118,32 @@ class LLMEngine:
             if "prompt_token_ids" in prompt:
                 text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)):
-                    raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+                    raise ParamError("prompt_token_ids", f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
                 ids = list(ids)
             elif "prompt" in prompt:
                 text, ids = prompt["prompt"], None
             else:
-                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise ParamError("prompt", "prompt dict needs 'prompt' or 'prompt_token_ids'")
         elif isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, list):
             text, ids = None, list(prompt)
         else:
-            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+            raise ParamError("prompt", f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
         if ids is None:
             if not isinstance(text, str):
-                raise ValueError("prompt must be a string")
+                raise ParamError("prompt", "prompt must be a string")
             ids = self.tokenizer.encode(text) if text else []
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise ParamError("prompt", "prompt must not be empty")
         not_int = [t for t in ids if not isinstance(t, int)]
         if not_int:
-            raise ValueError(f"prompt_token_ids must be integers, got {not_int[0]!r} ({type(not_int[0]).__name__})")
+            raise ParamError("prompt_token_ids", f"prompt_token_ids must be integers, got {not_int[0]!r} ({type(not_int[0]).__name__})")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
+            raise ParamError("prompt_token_ids", f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.config.max_model_len} "
+            raise ParamError("prompt", f"prompt is {len(ids)} tokens long, but max_model_len is {self.config.max_model_len} "
                              f"(the prompt plus at least one generated token must fit)")
         return text, ids
 
@@ -151,7 +152,7 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
-            raise ValueError(f"stop_token_ids contains {bad_stop[0]}, outside the vocabulary [0, {self.vocab_size})")
+            raise ParamError("stop_token_ids", f"stop_token_ids contains {bad_stop[0]}, outside the vocabulary [0, {self.vocab_size})")
         room = self.config.max_model_len - prompt_len
         max_tokens = room if params.max_tokens is None else params.max_tokens
         return params.clone(max_tokens=max_tokens, all_stop_token_ids=frozenset(self.eos_token_ids))
