@@ -21,7 +21,7 @@ class Sim:
         config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                               num_threads=1, scheduling_policy=policy, sjf_aging_rate=aging,
                               enable_admission_control=admission, enable_prefix_caching=False)
-        config.finalize(4096)
+        config = config.finalize(4096)
         self.sched = Scheduler(config, KVCacheManager(num_blocks, block_size), make_policy(policy, config))
         self.reqs: dict[str, Request] = {}
         self.first_step: dict[str, int] = {}

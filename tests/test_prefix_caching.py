@@ -22,7 +22,7 @@ def make_scheduler(num_blocks=16, budget=64, swap=False, host_blocks=0, caching=
     config = EngineConfig(block_size=BS, max_num_batched_tokens=budget, max_num_seqs=8, num_threads=1,
                           enable_admission_control=False, enable_prefix_caching=caching,
                           preemption_mode="swap" if swap else "recompute")
-    config.finalize(1024)
+    config = config.finalize(1024)
     kv = KVCacheManager(num_blocks, BS, caching, host_blocks)
     return Scheduler(config, kv, make_policy("fcfs", config))
 

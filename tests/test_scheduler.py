@@ -28,7 +28,7 @@ def make_scheduler(num_blocks: int = 8, block_size: int = 4, max_num_batched_tok
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                           max_num_seqs=max_num_seqs, enable_chunked_prefill=chunked, num_threads=1,
                           enable_admission_control=False, enable_prefix_caching=False)
-    config.finalize(model_max_len)
+    config = config.finalize(model_max_len)
     return Scheduler(config, KVCacheManager(num_blocks, block_size), make_policy("fcfs"))
 
 

@@ -41,11 +41,10 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         folder = resolve_model(config.model)
         self.hf_config = load_hf_config(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or folder)
-        config.finalize(getattr(self.hf_config, "max_position_embeddings", 2048))
+        self.config = config = config.finalize(getattr(self.hf_config, "max_position_embeddings", 2048))
         torch.set_num_threads(config.num_threads)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(folder, self.hf_config, self.tokenizer)

@@ -197,7 +197,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
     """
     wall0 = time.perf_counter()
     longest = max(len(a.prompt_token_ids) + a.record.max_tokens for a in arrivals)
-    config.finalize(config.max_model_len or longest)
+    config = config.finalize(config.max_model_len or longest)
     max_len = config.max_model_len
     too_long = next((a for a in arrivals if len(a.prompt_token_ids) >= max_len), None)
     if too_long is not None:
