@@ -44,12 +44,25 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class RequestTimes:
-    """Wall-clock timestamps (time.time()) of a request's life; None until reached."""
+    """Timestamps of a request's life (time.time(); virtual seconds in the simulator), None until
+    reached, and the latencies between them, in seconds."""
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
 class Request:

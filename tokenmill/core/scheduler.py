@@ -43,7 +43,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import SchedulingPolicy
+from tokenmill.core.policy import SchedulingPolicy, make_policy
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
@@ -154,6 +154,13 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self._preempted_only_for_waiting = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, num_blocks: int, num_host_blocks: int = 0) -> "Scheduler":
+        """A scheduler over a KV cache of num_blocks device blocks (and num_host_blocks host blocks to
+        swap to), with the policy config.scheduling_policy names."""
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
+        return cls(config, kv, make_policy(config.scheduling_policy, config))
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 

@@ -11,8 +11,6 @@ import torch
 from transformers import AutoTokenizer
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
@@ -62,8 +60,7 @@ class LLMEngine:
                 f"sequence of max_model_len ({config.max_model_len}) tokens: raise kv_cache_memory "
                 f"(or num_kv_blocks) or lower max_model_len")
         num_host_blocks = config.swap_space // bytes_per_block if config.preemption_mode == "swap" else 0
-        kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
-        self.scheduler = Scheduler(config, kv_manager, make_policy(config.scheduling_policy, config))
+        self.scheduler = Scheduler.from_config(config, num_blocks, num_host_blocks)
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
         host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
             if num_host_blocks else []
@@ -293,7 +290,7 @@ class LLMEngine:
             for req in parent.children:
                 self._detokenizers.pop(req.request_id, None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             _metrics(parent.children))
+                             RequestMetrics.of(parent.children))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -338,23 +335,6 @@ class LLMEngine:
         self.scheduler.check_integrity()
         if not self.has_unfinished_requests() and self.num_used_blocks:
             raise AssertionError(f"no live request, but {self.num_used_blocks} blocks are still used")
-
-
-def _metrics(children: list[Request]) -> RequestMetrics:
-    def first(values):
-        values = [v for v in values if v is not None]
-        return min(values) if values else None
-
-    times = [c.times for c in children]
-    done = all(t.finished_time is not None for t in times)
-    return RequestMetrics(
-        arrival_time=min(t.arrival_time for t in times),
-        first_scheduled_time=first(t.first_scheduled_time for t in times),
-        first_token_time=first(t.first_token_time for t in times),
-        last_token_time=max((t.last_token_time for t in times if t.last_token_time), default=None),
-        finished_time=max(t.finished_time for t in times) if done else None,
-        num_preemptions=sum(c.num_preemptions for c in children),
-    )
 
 
 def _resolve_backend(name: str) -> str:
