@@ -7,26 +7,18 @@ streams of concurrent requests must end with exactly the tokens of the offline L
 from __future__ import annotations
 
 import asyncio
-import random
 from contextlib import aclosing
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from helpers import TokenIds, greedy
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.async_engine import AsyncLLMEngine, QueueFullError
 from tokenmill.engine.metrics import PrometheusMetrics
 
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, kv_cache_memory=8 << 20)
-_rng = random.Random(7)
-
-
-def ids(n: int) -> list[int]:
-    return [_rng.randrange(100, 49000) for _ in range(n)]
-
-
-def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+ids = TokenIds(7)
 
 
 @pytest.fixture(scope="module")

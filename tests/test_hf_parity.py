@@ -13,42 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_greedy
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.worker.kv_cache import kv_bytes_per_block
-
-# ---- the Hugging Face reference (computed once per prompt, shared by every case) ----------------
-
-_HF_MODELS: dict[str, torch.nn.Module] = {}
-_HF_OUTPUTS: dict[tuple, list[int]] = {}
-
-
-def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool) -> list[int]:
-    key = (str(model_dir), tuple(prompt_ids), max_new_tokens, ignore_eos)
-    if key not in _HF_OUTPUTS:
-        from transformers import AutoModelForCausalLM
-
-        model = _HF_MODELS.get(str(model_dir))
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            _HF_MODELS[str(model_dir)] = model
-        ids = torch.tensor([prompt_ids])
-        extra = {"eos_token_id": None} if ignore_eos else {}
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, **extra)
-        tokens = out[0, len(prompt_ids):].tolist()
-        if ignore_eos:
-            assert len(tokens) == max_new_tokens, "the reference stopped early: EOS was not ignored"
-        _HF_OUTPUTS[key] = tokens
-    return _HF_OUTPUTS[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_hf_models():
-    yield
-    _HF_MODELS.clear()
-
 
 # ---- the cases -------------------------------------------------------------------------------------
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import helpers
 
-from tokenmill.config import EngineConfig
 from tokenmill.core.block_hash import hash_block
-from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -19,12 +17,8 @@ def make_request(rid: str, tokens: list[int], max_tokens: int = 8, arrival: floa
 
 
 def make_scheduler(num_blocks=16, budget=64, swap=False, host_blocks=0, caching=True) -> Scheduler:
-    config = EngineConfig(block_size=BS, max_num_batched_tokens=budget, max_num_seqs=8, num_threads=1,
-                          enable_admission_control=False, enable_prefix_caching=caching,
-                          preemption_mode="swap" if swap else "recompute")
-    config = config.finalize(1024)
-    kv = KVCacheManager(num_blocks, BS, caching, host_blocks)
-    return Scheduler(config, kv, make_policy("fcfs", config))
+    return helpers.make_scheduler(num_blocks, BS, budget, max_num_seqs=8, num_host_blocks=host_blocks,
+                                  enable_prefix_caching=caching, preemption_mode="swap" if swap else "recompute")
 
 
 def run_step(sched: Scheduler, reqs: dict[str, Request], next_token=lambda rid: 7):
