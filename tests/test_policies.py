@@ -142,7 +142,7 @@ def _pressure_run(admission: bool) -> tuple[Sim, float]:
         sim.add(f"r{i}", prompt_len=rng.randint(32, 256), max_tokens=rng.randint(32, 256), arrival_time=i * 0.01)
     cost = 0.0
     while sim.scheduler.num_unfinished:
-        # Step time as measured on this CPU in float32: ~50 ms a step plus ~1.7 ms a token.
+        # A step costs a fixed part plus a part per token, in the proportions of a CPU step.
         cost += 0.05 + 0.0017 * sim.step().num_batched_tokens
     return sim, cost
 

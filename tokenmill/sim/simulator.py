@@ -58,12 +58,9 @@ class CostModel:
             f.write("\n")
 
 
-# NOTE: fitted on this project's 2-core CPU machine, idle (SmolLM2-135M-Instruct, float32 as "auto"
-# picks without AVX512-BF16, 2 threads, the engine's defaults: the C++ attention and fused kernels,
-# prepacked linears) with
-#   tokenmill bench calibrate --out cost_model.json
-# (204 steps, median error 6.4%, R^2 0.96). Read: ~27 ms per step, ~1.7 ms per token, ~5 us per
-# context token. (The previous fit, with the torch attention backend, read 46 ms, 1.6 ms, 20 us.)
+# NOTE: what `tokenmill bench calibrate --out cost_model.json` fitted on this project's machine with
+# the engine's defaults (README, "Scheduling simulator": the setting and the quality of the fit).
+# Refit it there when the engine's speed changes: these numbers are only as current as that run.
 DEFAULT_COST_MODEL = CostModel(a=0.0273, b=0.00168, c=5.23e-6)
 
 
