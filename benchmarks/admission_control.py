@@ -1,6 +1,6 @@
 """Admission control on a memory-tight workload: preemptions and throughput with it off and on.
 
-    python ../shared/bench/workload.py --n 48 --seed 5 --out wl_tight.jsonl
+    .venv/bin/tokenmill bench workload --n 48 --seed 5 --out wl_tight.jsonl
     .venv/bin/python benchmarks/admission_control.py --workload wl_tight.jsonl --kv-blocks 96
 
 Both runs use the same engine settings and workload (greedy, ignore_eos), one after the other in

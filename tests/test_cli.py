@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import FrozenInstanceError, asdict, fields
+from pathlib import Path
 
 import pytest
 
 from tokenmill.config import EngineConfig
-from tokenmill.entrypoints.cli import SIMULATED_KNOBS, build_parser, engine_kwargs
+from tokenmill.entrypoints.cli import SIMULATED_KNOBS, build_parser, engine_kwargs, main
+from tokenmill.workload import load_workload
 
 ENGINE_COMMANDS = {"generate": [], "serve": [], "bench throughput": ["--workload", "w.jsonl"],
                    "bench calibrate": []}
@@ -56,3 +60,31 @@ def test_config_is_frozen_and_finalize_returns_the_resolved_copy():
         resolved.max_num_seqs = 1
     with pytest.raises(ValueError, match="exceeds"):
         resolved.finalize(512)
+
+
+# The team's generator, next to the repository (../shared/bench/workload.py); not in a clone.
+SHARED_WORKLOAD_PY = Path(__file__).resolve().parents[2] / "shared" / "bench" / "workload.py"
+
+
+@pytest.mark.skipif(not SHARED_WORKLOAD_PY.exists(), reason=f"no {SHARED_WORKLOAD_PY} to compare with")
+@pytest.mark.parametrize("args", [
+    [],  # wl_main
+    ["--n", "64", "--prompt", "128:128", "--output", "128:128", "--seed", "2"],  # wl_serve
+    ["--n", "64", "--prompt", "16:64", "--output", "64:128", "--shared-prefix", "512", "--seed", "1"],
+    ["--n", "5", "--prompt", "1:3", "--output", "1:1", "--seed", "9", "--vocab-size", "1000"],
+], ids=["defaults", "serve", "shared-prefix", "small-vocab"])
+def test_bench_workload_writes_what_the_shared_script_writes(tmp_path, capsys, args):
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    assert main(["bench", "workload", "--out", str(ours), *args]) == 0
+    printed = capsys.readouterr().out
+    shared = subprocess.run([sys.executable, str(SHARED_WORKLOAD_PY), "--out", str(theirs), *args],
+                            capture_output=True, text=True, check=True)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert printed.replace(str(ours), "FILE") == shared.stdout.replace(str(theirs), "FILE")
+    n = int(args[args.index("--n") + 1]) if "--n" in args else 128
+    assert len(load_workload(str(ours))) == n  # and the reader takes it
+
+
+def test_bench_workload_rejects_a_bad_range(tmp_path):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "workload", "--out", str(tmp_path / "w"), "--prompt", "64"])

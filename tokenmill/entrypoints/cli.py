@@ -1,4 +1,5 @@
-"""Command line: `tokenmill generate | serve | bench serve | bench throughput | bench calibrate | trace | simulate ...`."""
+"""Command line: `tokenmill generate | serve | bench serve | bench throughput | bench calibrate | bench workload |
+trace | simulate ...`."""
 from __future__ import annotations
 
 import argparse
@@ -293,6 +294,45 @@ def add_trace_sim_parsers(sub) -> None:
     cal.set_defaults(func=cmd_bench_calibrate)
 
 
+def cmd_bench_workload(args: argparse.Namespace) -> int:
+    from tokenmill.workload import make_workload, write_workload
+
+    requests = make_workload(args.n, args.vocab_size, args.prompt, args.output, args.seed, args.shared_prefix)
+    write_workload(args.out, requests)
+    print(f"{len(requests)} requests, {sum(len(r['prompt_token_ids']) for r in requests)} prompt tokens, "
+          f"{sum(r['max_tokens'] for r in requests)} output tokens -> {args.out}")
+    return 0
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    """'LO:HI' -> (LO, HI)."""
+    try:
+        lo, hi = map(int, text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI (two integers), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def add_bench_workload_parser(sub) -> None:
+    """`tokenmill bench workload`: write a random token-id workload file (the benchmarks' input)."""
+    bench_sub = _subcommand_group(sub, "bench", "benchmarks")
+    wl = bench_sub.add_parser("workload", help="write a workload file of random token-id requests "
+                                               "(the same file as the team's bench/workload.py for the same arguments)")
+    wl.add_argument("--out", required=True, help="the JSONL file to write")
+    wl.add_argument("--n", type=int, default=128, help="requests (default: 128)")
+    wl.add_argument("--prompt", type=_token_range, default=(32, 256), metavar="LO:HI",
+                    help="prompt tokens of each request, uniform in [LO, HI], after the shared prefix (default: 32:256)")
+    wl.add_argument("--output", type=_token_range, default=(32, 256), metavar="LO:HI",
+                    help="max_tokens of each request, uniform in [LO, HI] (default: 32:256)")
+    wl.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (default: 0)")
+    wl.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    wl.add_argument("--vocab-size", type=int, default=49152, help="token ids are drawn from [100, VOCAB_SIZE - 100) "
+                                                                  "(default: 49152, SmolLM2's)")
+    wl.set_defaults(func=cmd_bench_workload)
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from tokenmill.benchmarks.throughput import main as bench_throughput_main
 
@@ -332,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parsers(sub)
     add_trace_sim_parsers(sub)
     add_bench_throughput_parser(sub)
+    add_bench_workload_parser(sub)
     return parser
 
 
