@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from helpers import TokenIds, greedy
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.engine.async_engine import AsyncLLMEngine, QueueFullError
 from tokenmill.engine.metrics import PrometheusMetrics
 
