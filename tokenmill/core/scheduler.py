@@ -219,6 +219,7 @@ class Scheduler:
         return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values())
 
     def make_stats(self) -> SchedulerStats:
+        """The queues and the KV cache now (every reader of these figures takes them from here)."""
         kv = self.kv
         return SchedulerStats(
             num_running=len(self.running), num_waiting=self.num_waiting, num_swapped=self.num_swapped,
