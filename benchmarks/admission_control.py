@@ -1,6 +1,6 @@
 """Admission control on a memory-tight workload: preemptions and throughput with it off and on.
 
-    python ../shared/bench/workload.py --n 48 --seed 5 --out wl_tight.jsonl
+    .venv/bin/tokenmill bench workload --n 48 --seed 5 --out wl_tight.jsonl
     .venv/bin/python benchmarks/admission_control.py --workload wl_tight.jsonl --kv-blocks 96
 
 Both runs use the same engine settings and workload (greedy, ignore_eos), one after the other in
@@ -22,13 +22,13 @@ def run(args, admission: bool, reqs: list[WorkloadRecord]) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    steps0, preempt0 = engine.num_steps, engine.scheduler.num_preemptions
+    steps0, preempt0 = engine.num_steps, engine.stats().scheduler.num_preemptions
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"admission_control": admission, "seconds": elapsed, "output_tok_s": n_out / elapsed,
-            "preemptions": engine.scheduler.num_preemptions - preempt0, "steps": engine.num_steps - steps0}
+            "preemptions": engine.stats().scheduler.num_preemptions - preempt0, "steps": engine.num_steps - steps0}
 
 
 def main() -> None:

@@ -41,8 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from _vllm_setup import DEFAULT_VENV, VllmUnavailable, ensure_vllm, vllm_env  # noqa: E402
 
-WORKLOAD_SCRIPT = Path("/work/shared/bench/workload.py")
-SERVE_WORKLOAD = dict(n=64, prompt=(128, 128), output=(128, 128), seed=2)  # wl_serve of the shared README
+SERVE_WORKLOAD = dict(n=64, prompt=(128, 128), output=(128, 128), seed=2)  # wl_serve of the README
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,21 +124,10 @@ def format_table(rows: list[dict]) -> str:
 # serving
 
 def make_serve_workload(path: Path) -> None:
-    """wl_serve: 64 requests, 128 prompt / 128 output tokens, seed 2 (the shared workload.py, or the same draw)."""
-    w = SERVE_WORKLOAD
-    if WORKLOAD_SCRIPT.exists():
-        subprocess.run([sys.executable, str(WORKLOAD_SCRIPT), "--n", str(w["n"]), "--prompt", "%d:%d" % w["prompt"],
-                        "--output", "%d:%d" % w["output"], "--seed", str(w["seed"]), "--out", str(path)],
-                       check=True, stdout=subprocess.DEVNULL)
-        return
-    import random
+    """wl_serve: 64 requests, 128 prompt / 128 output tokens, seed 2 (`tokenmill bench workload`'s draw)."""
+    from tokenmill.workload import make_workload, write_workload
 
-    rng = random.Random(w["seed"])
-    with open(path, "w") as f:
-        for _ in range(w["n"]):
-            plen, olen = rng.randint(*w["prompt"]), rng.randint(*w["output"])
-            ids = [rng.randrange(100, 49152 - 100) for _ in range(plen)]
-            f.write(json.dumps({"prompt_token_ids": ids, "max_tokens": olen}) + "\n")
+    write_workload(str(path), make_workload(**SERVE_WORKLOAD))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> float:
@@ -257,7 +245,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--vllm-kwargs", default="{}", help="JSON of more vllm.LLM(...) arguments")
     p.add_argument("--vllm-serve-args", default="", help="more arguments for vLLM's OpenAI server (one string)")
     p.add_argument("--serve", action="store_true", help="also compare serving: tokenmill serve vs vLLM's server")
-    p.add_argument("--serve-workload", default=None, help="default: workload.py --n 64 --prompt 128:128 "
+    p.add_argument("--serve-workload", default=None, help="default: tokenmill bench workload --n 64 --prompt 128:128 "
                                                           "--output 128:128 --seed 2")
     p.add_argument("--serve-rates", default="2,inf", help="request rates for bench serve (default 2,inf)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine run (default 3600)")

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_hf_models
 
 from tokenmill.models.loader import resolve_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_hf_models():
+    """The transformers reference models (helpers.hf_greedy) are loaded once per module, then freed."""
+    yield
+    free_hf_models()
 
 
 @pytest.fixture(scope="session")

@@ -7,26 +7,18 @@ streams of concurrent requests must end with exactly the tokens of the offline L
 from __future__ import annotations
 
 import asyncio
-import random
 from contextlib import aclosing
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from helpers import TokenIds, greedy
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.engine.async_engine import AsyncLLMEngine, QueueFullError
 from tokenmill.engine.metrics import PrometheusMetrics
 
 ENGINE_ARGS = dict(dtype="float32", max_model_len=256, kv_cache_memory=8 << 20)
-_rng = random.Random(7)
-
-
-def ids(n: int) -> list[int]:
-    return [_rng.randrange(100, 49000) for _ in range(n)]
-
-
-def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+ids = TokenIds(7)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def test_abort_mid_stream_frees_blocks_and_others_finish(tiny_llama_dir, offline
     assert busy <= 1  # the victim was gone at once; at most "keep" still ran
     assert final.outputs[0].token_ids == expected.outputs[0].token_ids
     assert used == 0
-    assert stats.num_running == stats.num_waiting == 0
+    assert stats.scheduler.num_running == stats.scheduler.num_waiting == 0
 
 
 async def _last(stream):

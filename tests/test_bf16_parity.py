@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from helpers import hf_greedy_top5
 
 from tokenmill import LLM, SamplingParams
 
@@ -23,22 +24,6 @@ PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 ]
 MAX_TOKENS = 24
-
-
-def _hf_bf16(model_dir, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Per prompt: transformers' greedy tokens and, per step, its top-5 token ids."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    out = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-            tokens = gen.sequences[0, len(ids):].tolist()
-            out.append((tokens, [step[0].float().topk(5).indices.tolist() for step in gen.logits]))
-    return out
 
 
 def _check_close(ours: list[int], our_logprobs: list[dict[int, float]], theirs: list[int],
@@ -66,11 +51,12 @@ def test_bfloat16_close_to_transformers(request, name):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     agreed = []
-    for i, (out, (tokens, top5)) in enumerate(zip(outputs, _hf_bf16(model_dir, prompts, MAX_TOKENS))):
+    for i, (out, p) in enumerate(zip(outputs, prompts)):
+        tokens, top5 = hf_greedy_top5(model_dir, p, MAX_TOKENS, dtype=torch.bfloat16)
         completion = out.outputs[0]
         assert len(completion.token_ids) == MAX_TOKENS
         agreed.append(_check_close(completion.token_ids, completion.logprobs, tokens, top5, f"prompt {i}"))
-    # Not a vacuous pass: the runs track each other for a good stretch before any near tie (here:
-    # tiny model 12, 21, 13, 2 tokens; SmolLM2 24, 24, 1, 24).
+    # Not a vacuous pass: the runs track each other for a good stretch before any near tie (the
+    # message shows how long, per prompt).
     assert max(agreed) >= MAX_TOKENS // 2, f"tokens agreed per prompt: {agreed}"
     assert llm.llm_engine.num_used_blocks == 0

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from helpers import hf_greedy
 
 from tokenmill.models.layers.attention import (AttentionInputs, TorchPagedAttention, get_attention_backend,
                                                kv_cache_shape)
@@ -221,20 +222,6 @@ def test_registered_backend(ext):
 
 # ---- end to end: greedy float32 tokens equal transformers' ---------------------------------------
 
-def _hf_greedy(model_dir, prompts, max_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outs = []
-    with torch.inference_mode():
-        for ids, k in zip(prompts, max_tokens):
-            x = torch.tensor([ids])
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, do_sample=False,
-                                 eos_token_id=None)
-            outs.append(out[0, len(ids):].tolist())
-    return outs
-
-
 @pytest.mark.parametrize("budget,prefill", [(None, "kernel"), (16, "kernel"), (None, "sdpa"), (48, "sdpa")],
                          ids=["default-budget", "chunked-16", "sdpa-prefill", "sdpa-chunked-48"])
 def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget, prefill):
@@ -256,7 +243,7 @@ def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget, prefill):
     assert llm.llm_engine.runner.model.model.norm.ops is ext  # and the fused elementwise kernels
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    expected = _hf_greedy(tiny_llama_dir, prompts, max_tokens)
+    expected = [hf_greedy(tiny_llama_dir, p, k) for p, k in zip(prompts, max_tokens)]
     for i, (out, exp) in enumerate(zip(outputs, expected)):
         assert out.outputs[0].token_ids == exp, f"prompt {i} ({lens[i]} tokens) differs from transformers"
     assert llm.llm_engine.num_used_blocks == 0

@@ -6,11 +6,11 @@ neighbour must produce exactly the tokens of a clean run of its own.
 """
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
 import torch
+from helpers import TokenIds, greedy
 
 from tokenmill import LLM, RequestOutput, SamplingParams
 from tokenmill.engine.llm_engine import LLMEngine
@@ -18,15 +18,7 @@ from tokenmill.worker.kv_cache import kv_bytes_per_block
 
 MAX_LEN = 256
 VOCAB = 49152
-_rng = random.Random(42)
-
-
-def ids(n: int) -> list[int]:
-    return [_rng.randrange(100, 49000) for _ in range(n)]
-
-
-def greedy(max_tokens: int, **kw) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+ids = TokenIds(42)
 
 
 def _block_bytes(model_dir) -> int:
@@ -372,8 +364,9 @@ def _others_complete(engine: LLMEngine, expected: dict[str, list[int]]) -> None:
 def test_bad_prompt_rejected_others_served(llm, engine, prompt, match):
     expected = _queue_others(engine, llm)
     used = engine.num_used_blocks
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:
         engine.add_request("bad", prompt, greedy(4))
+    assert getattr(e.value, "param", None) in ("prompt", "prompt_token_ids")  # the field, for the server
     assert engine.num_used_blocks == used
     assert "bad" not in engine._parents and live_request(engine, "bad") is None
     _others_complete(engine, expected)

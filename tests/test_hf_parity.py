@@ -13,42 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_greedy
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.worker.kv_cache import kv_bytes_per_block
-
-# ---- the Hugging Face reference (computed once per prompt, shared by every case) ----------------
-
-_HF_MODELS: dict[str, torch.nn.Module] = {}
-_HF_OUTPUTS: dict[tuple, list[int]] = {}
-
-
-def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool) -> list[int]:
-    key = (str(model_dir), tuple(prompt_ids), max_new_tokens, ignore_eos)
-    if key not in _HF_OUTPUTS:
-        from transformers import AutoModelForCausalLM
-
-        model = _HF_MODELS.get(str(model_dir))
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            _HF_MODELS[str(model_dir)] = model
-        ids = torch.tensor([prompt_ids])
-        extra = {"eos_token_id": None} if ignore_eos else {}
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, **extra)
-        tokens = out[0, len(prompt_ids):].tolist()
-        if ignore_eos:
-            assert len(tokens) == max_new_tokens, "the reference stopped early: EOS was not ignored"
-        _HF_OUTPUTS[key] = tokens
-    return _HF_OUTPUTS[key]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_hf_models():
-    yield
-    _HF_MODELS.clear()
-
 
 # ---- the cases -------------------------------------------------------------------------------------
 
@@ -224,14 +192,14 @@ def test_prefix_cache_hit(request, name):
     prompts = [{"prompt_token_ids": prefix + [rng.randrange(100, 49000) for _ in range(n)]} for n in (3, 16, 40, 1)]
     max_tokens = [12, 20, 8, 16]
     llm, _ = _case(model_dir, prompts, max_tokens, True, kv_cache_memory=16 << 20)
-    stats = llm.llm_engine.stats()
+    stats = llm.llm_engine.stats().scheduler
     # Within the first run the later prompts already share the prefix's 4 full blocks.
     assert stats.prefix_cache_hits >= 3 * 64
     params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in max_tokens]
     again = llm.generate(prompts, params, use_tqdm=False)
     for prompt, k, out in zip(prompts, max_tokens, again):
         assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt["prompt_token_ids"], k, True)
-    after = llm.llm_engine.stats()
+    after = llm.llm_engine.stats().scheduler
     assert after.prefix_cache_hits - stats.prefix_cache_hits >= 4 * 64
     llm.llm_engine.check_integrity()
     assert llm.llm_engine.num_used_blocks == 0 and after.num_cached_blocks > 0

@@ -5,21 +5,17 @@ preemption, aborts and reused request ids, and the block accounting after each s
 """
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 from transformers import AutoConfig
+from helpers import TokenIds
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.worker.kv_cache import kv_bytes_per_block
 
 MAX_LEN = 256
-_rng = random.Random(7)
-
-
-def ids(n: int) -> list[int]:
-    return [_rng.randrange(100, 49000) for _ in range(n)]
+ids = TokenIds(7)
 
 
 def make_llm(model_dir, async_scheduling: bool, num_kv_blocks: int = 64, **kw) -> LLM:

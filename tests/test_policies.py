@@ -4,56 +4,18 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import Sim, make_scheduler
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import POLICIES, make_policy
-from tokenmill.core.scheduler import Scheduler
 from tokenmill.request import Request, RequestStatus
 
 
-class Sim:
-    """The scheduler plus a fake model: every sampling request gets a token; done at max_tokens."""
-
-    def __init__(self, policy: str, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                 budget: int = 64, admission: bool = False, aging: float = 50.0) -> None:
-        config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                              num_threads=1, scheduling_policy=policy, sjf_aging_rate=aging,
-                              enable_admission_control=admission, enable_prefix_caching=False)
-        config.finalize(4096)
-        self.sched = Scheduler(config, KVCacheManager(num_blocks, block_size), make_policy(policy, config))
-        self.reqs: dict[str, Request] = {}
-        self.first_step: dict[str, int] = {}
-        self.finish_step: dict[str, int] = {}
-        self.step_no = 0
-
-    def add(self, rid: str, prompt_len: int, max_tokens: int, arrival: float = 0.0, priority: int = 0,
-            tenant: str = "default") -> Request:
-        req = Request(rid, list(range(1000, 1000 + prompt_len)), SamplingParams(max_tokens=max_tokens),
-                      arrival_time=arrival, priority=priority, tenant=tenant)
-        self.reqs[rid] = req
-        self.sched.add_request(req)
-        return req
-
-    def step(self):
-        out = self.sched.schedule()
-        for s in out.scheduled:
-            self.first_step.setdefault(s.request_id, self.step_no)
-            if s.samples:
-                req = self.reqs[s.request_id]
-                req.append_token(7)
-                if req.num_output_tokens >= req.sampling_params.max_tokens:
-                    self.sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
-                    self.finish_step[req.request_id] = self.step_no
-        self.sched.check_integrity()
-        self.step_no += 1
-        return out
-
-    def run(self, max_steps: int = 10_000) -> None:
-        while self.sched.num_unfinished and self.step_no < max_steps:
-            self.step()
-        assert self.sched.num_unfinished == 0 and self.sched.kv.num_used_blocks == 0
+def make_sim(policy: str, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,
+             admission: bool = False, aging: float = 50.0) -> Sim:
+    """The scheduler under `policy` plus a fake model (helpers.Sim)."""
+    return Sim(make_scheduler(num_blocks, block_size, budget, max_num_seqs, model_max_len=4096,
+                              scheduling_policy=policy, sjf_aging_rate=aging, enable_admission_control=admission))
 
 
 def test_policy_registry_and_bad_name():
@@ -63,17 +25,17 @@ def test_policy_registry_and_bad_name():
 
 
 def test_sjf_serves_the_short_job_first():
-    sim = Sim("sjf", max_num_seqs=1)
-    sim.add("long", prompt_len=200, max_tokens=20, arrival=0.0)
-    sim.add("short", prompt_len=5, max_tokens=2, arrival=0.001)
+    sim = make_sim("sjf", max_num_seqs=1)
+    sim.add("long", prompt_len=200, max_tokens=20, arrival_time=0.0)
+    sim.add("short", prompt_len=5, max_tokens=2, arrival_time=0.001)
     sim.run()
     assert sim.finish_step["short"] < sim.first_step["long"]
 
 
 def test_fcfs_serves_in_arrival_order():
-    sim = Sim("fcfs", max_num_seqs=1)
-    sim.add("long", prompt_len=200, max_tokens=20, arrival=0.0)
-    sim.add("short", prompt_len=5, max_tokens=2, arrival=0.001)
+    sim = make_sim("fcfs", max_num_seqs=1)
+    sim.add("long", prompt_len=200, max_tokens=20, arrival_time=0.0)
+    sim.add("short", prompt_len=5, max_tokens=2, arrival_time=0.001)
     sim.run()
     assert sim.finish_step["long"] < sim.first_step["short"]
 
@@ -84,11 +46,11 @@ def test_sjf_aging_bounds_the_wait_of_a_long_job(aging):
     taking 2 steps (= 2 s): shorts alone would keep it waiting forever. With aging rate r, only
     shorts arriving before t* = (110 - 4) / r can pass it: with r = 10, t* = 10.6 s, so at most the
     11 shorts of t = 0..10, i.e. it starts by step 22."""
-    sim = Sim("sjf", max_num_seqs=1, aging=aging, budget=256)
-    sim.add("short0", prompt_len=2, max_tokens=2, arrival=0.0)
-    sim.add("long", prompt_len=100, max_tokens=10, arrival=0.0)
+    sim = make_sim("sjf", max_num_seqs=1, aging=aging, budget=256)
+    sim.add("short0", prompt_len=2, max_tokens=2, arrival_time=0.0)
+    sim.add("long", prompt_len=100, max_tokens=10, arrival_time=0.0)
     for t in range(1, 80):
-        sim.add(f"short{t}", prompt_len=2, max_tokens=2, arrival=float(t))
+        sim.add(f"short{t}", prompt_len=2, max_tokens=2, arrival_time=float(t))
         sim.step()
         if "long" in sim.first_step:
             break
@@ -101,13 +63,13 @@ def test_sjf_aging_bounds_the_wait_of_a_long_job(aging):
 
 
 def test_priority_order_and_preemption_of_lower_priority():
-    sim = Sim("priority", max_num_seqs=1)
-    low = sim.add("low", prompt_len=8, max_tokens=20, priority=5, arrival=0.0)
+    sim = make_sim("priority", max_num_seqs=1)
+    low = sim.add("low", prompt_len=8, max_tokens=20, priority=5, arrival_time=0.0)
     for _ in range(3):
         sim.step()
     assert low.status == RequestStatus.RUNNING
-    sim.add("high", prompt_len=8, max_tokens=3, priority=0, arrival=1.0)
-    sim.add("mid", prompt_len=8, max_tokens=3, priority=2, arrival=0.5)
+    sim.add("high", prompt_len=8, max_tokens=3, priority=0, arrival_time=1.0)
+    sim.add("mid", prompt_len=8, max_tokens=3, priority=2, arrival_time=0.5)
     out = sim.step()
     # max_num_seqs is reached: the lowest-priority running request makes room for the best waiting one.
     assert out.preempted_ids == ["low"] and [s.request_id for s in out.scheduled] == ["high"]
@@ -117,20 +79,20 @@ def test_priority_order_and_preemption_of_lower_priority():
 
 
 def test_priority_does_not_preempt_equal_priority():
-    sim = Sim("priority", max_num_seqs=1)
+    sim = make_sim("priority", max_num_seqs=1)
     a = sim.add("a", prompt_len=8, max_tokens=10, priority=1)
     sim.step()
-    sim.add("b", prompt_len=8, max_tokens=2, priority=1, arrival=1.0)
+    sim.add("b", prompt_len=8, max_tokens=2, priority=1, arrival_time=1.0)
     out = sim.step()
     assert out.preempted_ids == [] and a.status == RequestStatus.RUNNING
 
 
 def test_priority_preempts_when_blocks_run_out():
-    sim = Sim("priority", num_blocks=6, max_num_seqs=4)
+    sim = make_sim("priority", num_blocks=6, max_num_seqs=4)
     low = sim.add("low", prompt_len=16, max_tokens=6, priority=3)  # 4 of the 6 blocks at once
     sim.step()
     assert low.status == RequestStatus.RUNNING
-    high = sim.add("high", prompt_len=12, max_tokens=2, priority=0, arrival=1.0)
+    high = sim.add("high", prompt_len=12, max_tokens=2, priority=0, arrival_time=1.0)
     out = sim.step()
     assert "low" in out.preempted_ids and "high" in [s.request_id for s in out.scheduled]
     sim.run()
@@ -138,17 +100,17 @@ def test_priority_preempts_when_blocks_run_out():
 
 
 def test_fair_round_robins_between_tenants():
-    sim = Sim("fair", max_num_seqs=1)
+    sim = make_sim("fair", max_num_seqs=1)
     for i in range(20):
-        sim.add(f"heavy{i}", prompt_len=8, max_tokens=2, tenant="heavy", arrival=i * 0.01)
-    sim.add("light", prompt_len=8, max_tokens=2, tenant="light", arrival=1.0)
+        sim.add(f"heavy{i}", prompt_len=8, max_tokens=2, tenant="heavy", arrival_time=i * 0.01)
+    sim.add("light", prompt_len=8, max_tokens=2, tenant="light", arrival_time=1.0)
     sim.run()
     order = sorted(sim.first_step, key=sim.first_step.get)
     assert order[:3] == ["heavy0", "light", "heavy1"]
-    fcfs = Sim("fcfs", max_num_seqs=1)
+    fcfs = make_sim("fcfs", max_num_seqs=1)
     for i in range(20):
-        fcfs.add(f"heavy{i}", prompt_len=8, max_tokens=2, tenant="heavy", arrival=i * 0.01)
-    fcfs.add("light", prompt_len=8, max_tokens=2, tenant="light", arrival=1.0)
+        fcfs.add(f"heavy{i}", prompt_len=8, max_tokens=2, tenant="heavy", arrival_time=i * 0.01)
+    fcfs.add("light", prompt_len=8, max_tokens=2, tenant="light", arrival_time=1.0)
     fcfs.run()
     assert sorted(fcfs.first_step, key=fcfs.first_step.get)[-1] == "light"
 
@@ -164,9 +126,9 @@ def test_fair_victim_comes_from_the_heaviest_tenant():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_finishes_a_random_workload_under_memory_pressure(policy):
     rng = random.Random(policy)
-    sim = Sim(policy, num_blocks=24, max_num_seqs=6, budget=32)
+    sim = make_sim(policy, num_blocks=24, max_num_seqs=6, budget=32)
     for i in range(40):
-        sim.add(f"r{i}", prompt_len=rng.randint(2, 30), max_tokens=rng.randint(1, 30), arrival=i * 0.1,
+        sim.add(f"r{i}", prompt_len=rng.randint(2, 30), max_tokens=rng.randint(1, 30), arrival_time=i * 0.1,
                 priority=rng.randint(0, 3), tenant=rng.choice("xyz"))
     sim.run()
     assert len(sim.finish_step) == 40
@@ -175,12 +137,12 @@ def test_every_policy_finishes_a_random_workload_under_memory_pressure(policy):
 def _pressure_run(admission: bool) -> tuple[Sim, float]:
     """64 requests (prompts 32-256, outputs 32-256 tokens) in 64 blocks of 16: a third of the total."""
     rng = random.Random(3)
-    sim = Sim("fcfs", num_blocks=64, block_size=16, max_num_seqs=32, budget=256, admission=admission)
+    sim = make_sim("fcfs", num_blocks=64, block_size=16, max_num_seqs=32, budget=256, admission=admission)
     for i in range(64):
-        sim.add(f"r{i}", prompt_len=rng.randint(32, 256), max_tokens=rng.randint(32, 256), arrival=i * 0.01)
+        sim.add(f"r{i}", prompt_len=rng.randint(32, 256), max_tokens=rng.randint(32, 256), arrival_time=i * 0.01)
     cost = 0.0
-    while sim.sched.num_unfinished:
-        # Step time as measured on this CPU in float32: ~50 ms a step plus ~1.7 ms a token.
+    while sim.scheduler.num_unfinished:
+        # A step costs a fixed part plus a part per token, in the proportions of a CPU step.
         cost += 0.05 + 0.0017 * sim.step().num_batched_tokens
     return sim, cost
 
@@ -188,8 +150,8 @@ def _pressure_run(admission: bool) -> tuple[Sim, float]:
 def test_admission_control_cuts_preemptions_without_losing_throughput():
     without, cost_without = _pressure_run(admission=False)
     with_ac, cost_with = _pressure_run(admission=True)
-    assert without.sched.num_preemptions > 50
-    assert with_ac.sched.num_preemptions == 0
+    assert without.scheduler.num_preemptions > 50
+    assert with_ac.scheduler.num_preemptions == 0
     # Recomputing preempted requests costs more than the smaller batches admission control runs.
     assert cost_with < cost_without
 
@@ -200,13 +162,13 @@ def test_admission_peak_check_is_exact(seed):
     sum over requests alive at k's end (o_i >= o_k) of ceil((a_i + o_k) / block_size)."""
     rng = random.Random(seed)
     bs = 16
-    sim = Sim("fcfs", num_blocks=10_000, block_size=bs, max_num_seqs=64, budget=10_000, admission=False)
+    sim = make_sim("fcfs", num_blocks=10_000, block_size=bs, max_num_seqs=64, budget=10_000, admission=False)
     for i in range(rng.randint(1, 12)):
         sim.add(f"r{i}", prompt_len=rng.randint(1, 200), max_tokens=rng.randint(1, 120))
     sim.step()
     for _ in range(rng.randint(0, 30)):
         sim.step()
-    sched = sim.sched
+    sched = sim.scheduler
     candidate = Request("c", list(range(rng.randint(1, 200))), SamplingParams(max_tokens=rng.randint(1, 120)))
     items = [(r.num_tokens, sched._expected_remaining_output(r)) for r in [*sched.running, candidate]]
     peak = max(sum(-(-(a + ok) // bs) for a, o in items if o >= ok) for _, ok in items)
@@ -225,15 +187,15 @@ class _FreeBlocks:
 
 
 def test_admission_control_learns_the_output_ratio():
-    sim = Sim("fcfs", admission=True)
-    assert sim.sched.output_ratio == 1.0
+    sim = make_sim("fcfs", admission=True)
+    assert sim.scheduler.output_ratio == 1.0
     for i in range(10):
         req = sim.add(f"r{i}", prompt_len=4, max_tokens=40)
         sim.step()
-        req.status = RequestStatus.RUNNING
-        sim.sched.finish_request(req, RequestStatus.FINISHED_STOPPED)  # stopped after 1 of 40 tokens
-    assert sim.sched.output_ratio == pytest.approx(0.9 ** 10 + (1 - 0.9 ** 10) * (1 / 40))
-    assert sim.sched.kv.num_used_blocks == 0
+        assert req.status == RequestStatus.RUNNING
+        sim.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)  # stopped after 1 of 40 tokens
+    assert sim.scheduler.output_ratio == pytest.approx(0.9 ** 10 + (1 - 0.9 ** 10) * (1 / 40))
+    assert sim.scheduler.kv.num_used_blocks == 0
 
 
 def test_engine_sjf_on_the_real_engine(tiny_llama_dir):

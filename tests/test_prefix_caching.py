@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import helpers
 
-from tokenmill.config import EngineConfig
 from tokenmill.core.block_hash import hash_block
-from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -19,19 +17,15 @@ def make_request(rid: str, tokens: list[int], max_tokens: int = 8, arrival: floa
 
 
 def make_scheduler(num_blocks=16, budget=64, swap=False, host_blocks=0, caching=True) -> Scheduler:
-    config = EngineConfig(block_size=BS, max_num_batched_tokens=budget, max_num_seqs=8, num_threads=1,
-                          enable_admission_control=False, enable_prefix_caching=caching,
-                          preemption_mode="swap" if swap else "recompute")
-    config.finalize(1024)
-    kv = KVCacheManager(num_blocks, BS, caching, host_blocks)
-    return Scheduler(config, kv, make_policy("fcfs", config))
+    return helpers.make_scheduler(num_blocks, BS, budget, max_num_seqs=8, num_host_blocks=host_blocks,
+                                  enable_prefix_caching=caching, preemption_mode="swap" if swap else "recompute")
 
 
 def run_step(sched: Scheduler, reqs: dict[str, Request], next_token=lambda rid: 7):
     out = sched.schedule()
     for s in out.scheduled:
-        if s.samples:
-            reqs[s.request_id].append_token(next_token(s.request_id))
+        if s.will_sample:
+            sched.append_token(reqs[s.request_id], next_token(s.request_id))
     sched.check_integrity()
     return out
 
@@ -77,7 +71,7 @@ def test_hit_never_covers_the_last_prompt_token():
     out = run_step(sched, reqs)
     sb = next(s for s in out.scheduled if s.request_id == "b")
     # Only the first block is reused: the second holds the last token, which must run for logits.
-    assert sb.start_pos == 4 and sb.token_ids == [4, 5, 6, 7] and sb.samples
+    assert sb.start_pos == 4 and sb.token_ids == [4, 5, 6, 7] and sb.will_sample
     assert sched.kv.prefix_cache_hits == 4
 
 
@@ -139,7 +133,7 @@ def test_fork_shares_prompt_blocks_and_copies_the_partial_block_on_write():
     # The sample joined sharing all three blocks and computed only the last prompt token (pos 9),
     # which lives in the shared partial block: that block was copied first.
     ss = next(s for s in out.scheduled if s.request_id == "1_x")
-    assert ss.start_pos == 9 and ss.token_ids == [9] and ss.samples
+    assert ss.start_pos == 9 and ss.token_ids == [9] and ss.will_sample
     assert sample.block_ids[:2] == leader.block_ids[:2]
     assert sample.block_ids[2] != leader.block_ids[2]
     # The leader decoded first in the step: it wrote into the shared block, so it was the one copied.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenmill.entrypoints.llm import LLM
+from tokenmill.errors import ParamError
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.sampler import Sampler, SamplingRow, _apply_penalties
 
@@ -40,8 +41,9 @@ from tokenmill.worker.sampler import Sampler, SamplingRow, _apply_penalties
     (dict(stop_token_ids=[3, -1]), "stop_token_ids"),
 ])
 def test_invalid_params_raise_naming_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+    with pytest.raises(ParamError, match=rf"^{field}\b") as e:  # a ValueError that carries the field
         SamplingParams(**kwargs)
+    assert e.value.param == field
 
 
 @pytest.mark.parametrize("kwargs", [

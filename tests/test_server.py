@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -20,16 +19,14 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from helpers import TokenIds
 
 from tokenmill import LLM, SamplingParams
 
 MAX_LEN = 1024  # the tiny model's own limit: room for long requests that are still running
 ENGINE_ARGS = ["--dtype", "float32", "--kv-cache-memory", str(64 << 20), "--max-model-len", str(MAX_LEN)]
-_rng = random.Random(11)
-
-
-def ids(n: int) -> list[int]:
-    return [_rng.randrange(100, 49000) for _ in range(n)]
+ids = TokenIds(11)
+_rng = ids.rng
 
 
 def _free_port() -> int:

@@ -38,9 +38,9 @@ def test_one_request_by_hand():
     (req,) = r.requests
     assert r.num_steps == 3 and r.num_preemptions == 0
     assert req.queue_time == 0.0
-    assert req.ttft == pytest.approx(step1)
-    assert req.e2e == pytest.approx(step1 + step2 + step3)
-    assert req.tpot == pytest.approx((step2 + step3) / 2)
+    assert req.time_to_first_token == pytest.approx(step1)
+    assert req.e2e_latency == pytest.approx(step1 + step2 + step3)
+    assert req.time_per_output_token == pytest.approx((step2 + step3) / 2)
     s = r.summary()
     assert s["sim_time_s"] == pytest.approx(step1 + step2 + step3)
     assert s["throughput_req_s"] == pytest.approx(1 / (step1 + step2 + step3))
@@ -57,8 +57,8 @@ def test_two_requests_share_the_budget_by_hand():
     r = simulate(make_arrivals(records, None, math.inf, 0), _config(max_num_batched_tokens=8), 16,
                  CostModel(1.0, 0.0, 0.0))
     a, b = r.requests
-    assert (a.queue_time, a.ttft, a.e2e) == (0, 1, 2)
-    assert (b.queue_time, b.ttft, b.e2e) == (0, 2, 3)
+    assert (a.queue_time, a.time_to_first_token, a.e2e_latency) == (0, 1, 2)
+    assert (b.queue_time, b.time_to_first_token, b.e2e_latency) == (0, 2, 3)
     s = r.summary()
     assert s["steps"] == 3 and s["sim_time_s"] == 3 and s["throughput_req_s"] == pytest.approx(2 / 3)
     assert s["ttft"]["mean"] == 1.5 and s["ttft"]["p50"] == 1.5
@@ -71,8 +71,8 @@ def test_queue_time_of_a_late_arrival():
     records = [WorkloadRecord([1] * 4, 3), WorkloadRecord([2] * 4, 1)]
     r = simulate(make_arrivals(records, None, math.inf, 0), _config(max_num_seqs=1), 16, CostModel(1.0, 0.0, 0.0))
     a, b = r.requests
-    assert (a.queue_time, a.e2e) == (0, 3)
-    assert (b.queue_time, b.ttft, b.e2e, b.tpot) == (3, 4, 4, None)
+    assert (a.queue_time, a.e2e_latency) == (0, 3)
+    assert (b.queue_time, b.time_to_first_token, b.e2e_latency, b.time_per_output_token) == (3, 4, 4, None)
 
 
 def test_percentile_matches_numpy():
@@ -133,9 +133,9 @@ def test_budgets_respected_and_all_finish(tmp_path):
     assert len(r.requests) == 400
     assert sorted(rid for s in steps for rid in s.finished) == sorted(str(i) for i in range(400))
     for req, a in zip(r.requests, arrivals):  # requests come back in arrival order
-        assert req.arrival == a.time
-        assert req.num_output_tokens == a.record.max_tokens
-        assert req.arrival <= req.arrival + req.queue_time <= req.arrival + req.ttft <= req.arrival + req.e2e
+        assert req.arrival_time == a.time
+        assert req.num_generation_tokens == a.record.max_tokens
+        assert 0 <= req.queue_time <= req.time_to_first_token <= req.e2e_latency
     assert steps[-1].num_running == len(steps[-1].finished) and steps[-1].num_waiting == 0
     assert r.num_used_blocks_at_end == 0
 
@@ -146,7 +146,7 @@ def test_every_policy_runs_the_same_workload():
         arrivals = make_arrivals(records, 200, 30.0, 0)
         r = simulate(arrivals, _config(scheduling_policy=name), 64, CostModel(0.01, 1e-4, 1e-6))
         assert len(r.requests) == 200 and r.policy == name
-        assert sum(q.num_output_tokens for q in r.requests) == sum(a.record.max_tokens for a in arrivals)
+        assert sum(q.num_generation_tokens for q in r.requests) == sum(a.record.max_tokens for a in arrivals)
 
 
 def test_ten_thousand_requests():

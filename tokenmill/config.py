@@ -1,8 +1,8 @@
-"""EngineConfig: every knob of the engine in one dataclass, validated once."""
+"""EngineConfig: every knob of the engine in one dataclass (name, type, default, help), validated once."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -11,15 +11,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bfloat16 natively (AMX or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    from tokenmill.models.layers.cpu_ops import cpu_flags  # the one reader of /proc/cpuinfo
+
+    return bool(set(cpu_flags().split()) & {"amx_bf16", "avx512_bf16"})
 
 
 def available_memory_bytes() -> int:
@@ -33,39 +27,65 @@ def available_memory_bytes() -> int:
     return 8 << 30
 
 
-@dataclass
+def head_dim(hf_config) -> int:
+    """The attention head size: the model config's head_dim where it has one, else hidden / heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def _knob(default, help: str, *, flag: str | None = None, choices: tuple | None = None,
+          metavar: str | None = None):
+    """A field with what the command line shows for it (tokenmill's CLI builds its engine flags from
+    these: --name-with-dashes, or `flag`; a True bool becomes --no-...)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "metavar": metavar})
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    kv_cache_memory: int | None = None
-    num_kv_blocks: int | None = None  # the KV cache size in blocks; overrides kv_cache_memory
-    seed: int = 0
-    log_steps: bool = False
-    trace_path: str | None = None
-    num_threads: int | None = None
-    # Overlap: schedule step N+1 and process step N's outputs while N computes. None (auto): on only
-    # where a core is left for it (num_threads below the CPUs this process may use).
-    async_scheduling: bool | None = None
-    attention_backend: str = "auto"  # "cpu" (C++ kernel), "torch" (reference), "auto": cpu where it builds
-    # cpu backend, prompt chunks: "kernel", "sdpa" (torch's flash attention), "auto": sdpa for bf16 on AMX CPUs
-    prefill_attention: str = "auto"
+    """Every knob of the engine, validated on construction. `finalize(model_max_len)` returns the
+    resolved copy the engine runs with (the defaults that depend on the model and the machine filled
+    in); a config never changes once made, so any thread may read it."""
+    model: str | None = _knob(None, "Hugging Face folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    tokenizer: str | None = _knob(None, "tokenizer folder (default: the model's)")
+    dtype: str = _knob("auto", "'auto': bfloat16 where the CPU has AMX or AVX512-BF16, else float32",
+                       choices=("auto", "float32", "bfloat16"))
+    max_model_len: int | None = _knob(None, "longest sequence, prompt + output (default: the model's context)")
+    block_size: int = _knob(16, "tokens per KV cache block")
+    max_num_seqs: int = _knob(256, "most requests in one step")
+    max_num_batched_tokens: int | None = _knob(
+        None, "token budget of a step (default: 512 with chunked prefill, else max(2048, max_model_len))")
+    enable_chunked_prefill: bool = _knob(True, "do not split long prompts across steps", flag="--no-chunked-prefill")
+    kv_cache_memory: int | None = _knob(None, "KV cache size in bytes (default: a tenth of free RAM, at most 4 GiB)")
+    num_kv_blocks: int | None = _knob(None, "KV cache size in blocks (overrides --kv-cache-memory)")
+    seed: int = _knob(0, "seed of the sampler for requests without their own")
+    log_steps: bool = _knob(False, "print one line per engine step to stderr")
+    trace_path: str | None = _knob(None, "write one JSON line per engine step to PATH (see `tokenmill trace`)",
+                                   flag="--trace", metavar="PATH")
+    num_threads: int | None = _knob(None, "torch threads (default: the CPUs this process may use)")
+    async_scheduling: bool | None = _knob(
+        None, "overlap scheduling and output processing with the forward pass (default: on only where "
+              "--num-threads leaves a CPU free)")
+    attention_backend: str = _knob(
+        "auto", "paged attention: the C++ kernel (cpu), plain PyTorch (torch), or cpu where it builds (auto)",
+        choices=("auto", "cpu", "torch"))
+    prefill_attention: str = _knob(
+        "auto", "cpu backend, prompt chunks: the C++ kernel, torch's SDPA (flash attention), or sdpa for "
+                "bfloat16 on AMX CPUs (auto)", choices=("auto", "kernel", "sdpa"))
     # Scheduling and memory
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
-    sjf_aging_rate: float = 50.0  # sjf: tokens of job size forgiven per second of waiting
-    preemption_mode: str = "recompute"
-    swap_space: int = 1 << 30  # bytes of host memory for swapped-out blocks (preemption_mode="swap")
-    enable_admission_control: bool = True
-    initial_output_ratio: float = 1.0  # admission control: expected output / max_tokens before any finished
-    output_ratio_decay: float = 0.9  # weight of the old estimate when a request finishes
+    enable_prefix_caching: bool = _knob(True, "do not reuse the KV blocks of cached prompt prefixes",
+                                        flag="--no-prefix-caching")
+    scheduling_policy: str = _knob("fcfs", "fcfs | priority | sjf | fair")
+    sjf_aging_rate: float = _knob(50.0, "sjf: tokens of job size forgiven per second of waiting")
+    preemption_mode: str = _knob("recompute", "what preemption does with a victim's KV: drop it (recompute) "
+                                 "or copy it to host memory (swap)", choices=("recompute", "swap"))
+    swap_space: int = _knob(1 << 30, "bytes of host memory for swapped-out blocks (--preemption-mode swap)")
+    enable_admission_control: bool = _knob(True, "admit requests even when their expected peak of KV blocks "
+                                           "does not fit", flag="--no-admission-control")
+    initial_output_ratio: float = _knob(1.0, "admission control: expected output / max_tokens before any "
+                                        "request finished")
+    output_ratio_decay: float = _knob(0.9, "admission control: weight of the old expected output ratio when a "
+                                      "request finishes")
     # Serving
-    max_queued_requests: int | None = None
+    max_queued_requests: int | None = _knob(None, "serve: answer 503 while this many requests wait to be scheduled")
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -97,11 +117,6 @@ class EngineConfig:
         if self.max_queued_requests is not None and (not isinstance(self.max_queued_requests, int)
                                                      or self.max_queued_requests < 1):
             raise ValueError(f"max_queued_requests must be a positive integer or None, got {self.max_queued_requests!r}")
-        if (self.max_num_batched_tokens is not None and not self.enable_chunked_prefill
-                and self.max_model_len is not None and self.max_num_batched_tokens < self.max_model_len):
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
-                f"({self.max_model_len}) with chunked prefill disabled: long prompts could never run")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -117,28 +132,33 @@ class EngineConfig:
             return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
         return _DTYPES[self.dtype]
 
-    def finalize(self, model_max_len: int) -> None:
-        """Fill the defaults that depend on the model; called once the model config is known."""
-        if self.max_model_len is None:
-            self.max_model_len = model_max_len
-        elif self.max_model_len > model_max_len:
-            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's maximum "
+    def finalize(self, model_max_len: int) -> "EngineConfig":
+        """This config with the defaults that depend on the model (its context length) and the machine
+        filled in, checked together; a resolved config finalizes to itself."""
+        max_model_len = self.max_model_len
+        if max_model_len is None:
+            max_model_len = model_max_len
+        elif max_model_len > model_max_len:
+            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's maximum "
                              f"context ({model_max_len})")
-        if self.max_num_batched_tokens is None:
-            # NOTE: 512, measured: on wl_main throughput is the same from 512 to 4096 on a 2-core CPU,
-            # and a 512-token step (~0.75 s) holds up running decodes 4x less than a 2048 one.
-            self.max_num_batched_tokens = 512 if self.enable_chunked_prefill else max(2048, self.max_model_len)
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            # NOTE: 512 with chunked prefill: throughput is the same from 512 to 4096 on the CPUs
+            # measured (README, "Speed on CPU"), and a small step holds up running decodes less.
+            budget = 512 if self.enable_chunked_prefill else max(2048, max_model_len)
+        if not self.enable_chunked_prefill and budget < max_model_len:
             raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
-                f"({self.max_model_len}) with chunked prefill disabled: long prompts could never run")
+                f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
+                f"({max_model_len}) with chunked prefill disabled: long prompts could never run")
         cpus = len(os.sched_getaffinity(0))
-        if self.num_threads is None:
-            self.num_threads = cpus
-        if self.async_scheduling is None:
-            # With every core in the GEMMs, the engine's Python thread would steal cycles from them
-            # rather than hide behind them (measured: wl_main 196 vs 204 output tok/s on 2 cores).
-            self.async_scheduling = self.num_threads < cpus
+        num_threads = cpus if self.num_threads is None else self.num_threads
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            # With every core in the GEMMs, the engine's Python thread steals cycles from them rather
+            # than hiding behind them (measured: README, "Speed on CPU").
+            async_scheduling = num_threads < cpus
+        return replace(self, max_model_len=max_model_len, max_num_batched_tokens=budget,
+                       num_threads=num_threads, async_scheduling=async_scheduling)
 
     def kv_cache_bytes(self) -> int:
         if self.kv_cache_memory is not None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.request import Request, RequestTimes
+
 
 @dataclass
 class CompletionOutput:
@@ -21,28 +23,31 @@ class CompletionOutput:
 
 
 @dataclass
-class RequestMetrics:
-    """Timestamps (time.time()) and the latencies derived from them, in seconds."""
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
+class RequestMetrics(RequestTimes):
+    """A user request's timestamps and latencies (RequestTimes) and what it cost."""
     num_preemptions: int = 0
-    # Tokens of the longest sample so far; filled by RequestOutput from its outputs.
-    num_generation_tokens: int = 0
+    num_generation_tokens: int = 0  # tokens of its longest sample so far
 
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+    @classmethod
+    def of(cls, requests: list[Request]) -> "RequestMetrics":
+        """The figures of one user request from its samples (n > 1: one Request each): the earliest
+        arrival, first scheduling and first token, the latest last token, and the latest finish once
+        all have finished."""
+        def first(values):
+            values = [v for v in values if v is not None]
+            return min(values) if values else None
 
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def e2e_latency(self) -> float | None:
-        return None if self.finished_time is None else self.finished_time - self.arrival_time
+        times = [r.times for r in requests]
+        done = all(t.finished_time is not None for t in times)
+        return cls(
+            arrival_time=min(t.arrival_time for t in times),
+            first_scheduled_time=first(t.first_scheduled_time for t in times),
+            first_token_time=first(t.first_token_time for t in times),
+            last_token_time=max((t.last_token_time for t in times if t.last_token_time), default=None),
+            finished_time=max(t.finished_time for t in times) if done else None,
+            num_preemptions=sum(r.num_preemptions for r in requests),
+            num_generation_tokens=max(r.num_output_tokens for r in requests),
+        )
 
     @property
     def time_per_output_token(self) -> float | None:
@@ -60,7 +65,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-
-    def __post_init__(self) -> None:
-        if self.metrics is not None:
-            self.metrics.num_generation_tokens = max((len(o.token_ids) for o in self.outputs), default=0)

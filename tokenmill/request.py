@@ -12,6 +12,10 @@ Glossary (one meaning per name, used everywhere):
   block_ids            the request's block table (logical block i -> physical block id), owned and
                        changed only by the KVCacheManager (as are block_hashes,
                        num_registered_blocks and swapped_block_ids).
+
+One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status
+and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
+block fields above, reporting what it found (cached blocks) for the scheduler to count.
 """
 from __future__ import annotations
 
@@ -40,12 +44,25 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class RequestTimes:
-    """Wall-clock timestamps (time.time()) of a request's life; None until reached."""
+    """Timestamps of a request's life (time.time(); virtual seconds in the simulator), None until
+    reached, and the latencies between them, in seconds."""
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
 class Request:
@@ -106,10 +123,10 @@ class Request:
         return len(self.all_token_ids) + self.num_pending_tokens
 
     def append_token(self, token_id: int) -> None:
-        """A sampled token has come back from the model runner: it is known now, no longer pending."""
+        """A sampled token joins the request's tokens (Scheduler.append_token calls it, and settles
+        num_pending_tokens)."""
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from tokenmill.errors import ParamError
+
 _GREEDY_EPS = 1e-5
 
 
@@ -47,8 +49,8 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, -1, 0.0
 
     def _validate(self) -> None:
-        def bad(name: str, msg: str) -> ValueError:
-            return ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
+        def bad(name: str, msg: str) -> ParamError:
+            return ParamError(name, f"{name} {msg}, got {getattr(self, name)!r}")
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
@@ -73,7 +75,7 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
+            raise ParamError("min_tokens", f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise bad("logprobs", "must be a non-negative integer or None")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -2,7 +2,8 @@
 
     {"prompt_token_ids": [27662, 2753, ...], "max_tokens": 128, "priority": 0, "tenant": "a"}
 
-as `../shared/bench/workload.py` writes them. `max_tokens` is required; `priority` (an integer,
+as `tokenmill bench workload` (make_workload) writes them, draw for draw what the team's shared
+`bench/workload.py` writes for the same arguments. `max_tokens` is required; `priority` (an integer,
 default 0) and `tenant` (default "default") matter to the scheduling policies that read them.
 Where the reader allows text (`tokenmill bench serve`, which can drive any OpenAI server), a line
 may give `"prompt": "some text"` instead of token ids. Blank lines are skipped; anything else that
@@ -11,6 +12,7 @@ is not a valid request is an error naming the file and line.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 
 
@@ -66,3 +68,27 @@ def _parse(line: str, where: str, allow_text: bool) -> WorkloadRecord:
 
 def _is_token_list(ids) -> bool:
     return isinstance(ids, list) and bool(ids) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+
+
+def make_workload(n: int = 128, vocab_size: int = 49152, prompt: tuple[int, int] = (32, 256),
+                  output: tuple[int, int] = (32, 256), seed: int = 0, shared_prefix: int = 0) -> list[dict]:
+    """n requests of random token ids in [100, vocab_size - 100): a prompt of `shared_prefix` ids all
+    requests share, then U[prompt] ids of its own, and U[output] max_tokens (bounds included).
+
+    NOTE: the draws come in the shared script's order (the prefix, then per request its prompt
+    length, its output length, its ids), so one seed gives the same file byte for byte."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(100, vocab_size - 100) for _ in range(shared_prefix)]
+    requests = []
+    for _ in range(n):
+        prompt_len = rng.randint(*prompt)
+        max_tokens = rng.randint(*output)
+        ids = prefix + [rng.randrange(100, vocab_size - 100) for _ in range(prompt_len)]
+        requests.append({"prompt_token_ids": ids, "max_tokens": max_tokens})
+    return requests
+
+
+def write_workload(path: str, requests: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in requests:
+            f.write(json.dumps(r) + "\n")

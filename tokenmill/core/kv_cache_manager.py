@@ -61,10 +61,6 @@ class KVCacheManager:
     def num_free_host_blocks(self) -> int:
         return len(self._host_free)
 
-    @property
-    def usage(self) -> float:
-        return self.pool.num_used_blocks / self.pool.num_blocks
-
     # ---- prefix cache ------------------------------------------------------------------------
 
     def find_cached_prefix(self, request: Request) -> list[int]:
@@ -106,9 +102,10 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give `request` room for `num_new_tokens` more computed tokens; False (and no change) if
         blocks ran out. `cached_blocks` (from find_cached_prefix, for a request that holds no
-        blocks yet) become its first blocks and count as computed."""
-        num_cached_tokens = len(cached_blocks) * self.block_size
-        total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
+        blocks yet) become its first blocks; the new tokens come after their tokens, which the
+        scheduler then counts as computed (it alone advances num_computed_tokens)."""
+        num_computed = request.num_computed_tokens + len(cached_blocks) * self.block_size
+        total = num_computed + num_new_tokens
         num_new = max(0, cdiv(total, self.block_size) - len(request.block_ids) - len(cached_blocks))
         copy_on_write = not cached_blocks and num_new_tokens > 0 and self._write_block_is_shared(request)
         needed = num_new + copy_on_write + self.pool.count_revivals(cached_blocks)
@@ -117,10 +114,9 @@ class KVCacheManager:
         if cached_blocks:
             self.pool.touch(cached_blocks)
             request.block_ids.extend(cached_blocks)
-            request.num_computed_tokens += num_cached_tokens
             request.num_registered_blocks = len(cached_blocks)
         if copy_on_write:
-            idx = request.num_computed_tokens // self.block_size
+            idx = num_computed // self.block_size
             src = request.block_ids[idx]
             (dst,) = self.pool.allocate(1)
             self.pending_copies.append((src, dst))
@@ -128,7 +124,7 @@ class KVCacheManager:
             request.block_ids[idx] = dst
         if num_new:
             request.block_ids.extend(self.pool.allocate(num_new))
-        self._register_full_blocks(request, request.num_computed_tokens + num_new_tokens)
+        self._register_full_blocks(request, total)
         return True
 
     def record_prefix_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
@@ -137,12 +133,12 @@ class KVCacheManager:
             self.prefix_cache_hits += num_hit_tokens
 
     def fork(self, parent: Request, child: Request, num_tokens: int) -> None:
-        """`child` starts with `parent`'s first num_tokens computed tokens, sharing their blocks."""
+        """`child` gets the blocks of `parent`'s first num_tokens computed tokens, shared (the
+        scheduler then counts those tokens as computed for it)."""
         assert not child.block_ids and num_tokens <= parent.num_computed_tokens
         shared = parent.block_ids[:cdiv(num_tokens, self.block_size)]
         self.pool.touch(shared)
         child.block_ids = list(shared)
-        child.num_computed_tokens = num_tokens
         child.num_registered_blocks = 0
 
     def free(self, request: Request) -> None:

@@ -43,7 +43,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import SchedulingPolicy
+from tokenmill.core.policy import SchedulingPolicy, make_policy
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ class ScheduledRequest:
     token_ids: list[int]  # the tokens fed this step; the last may be PENDING_TOKEN (see above)
     start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
     block_ids: list[int]  # block table after this step's allocation
-    samples: bool  # the step reaches the request's last known token: sample the next one
+    will_sample: bool  # the step reaches the request's last known token: sample the next one
     is_prefill: bool
     sampling_params: SamplingParams
     generator: torch.Generator | None
@@ -74,6 +74,35 @@ class ScheduledRequest:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The queues and the KV cache at one moment, counted by the scheduler: the one definition that
+    the engine's stats, /metrics, the step trace, the server's queue limit and the simulator read."""
+    num_running: int
+    num_waiting: int  # waiting to start or resume: new, recompute-preempted, samples not yet forked
+    num_swapped: int  # preempted with their KV in host memory (not counted in num_waiting)
+    num_used_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int  # free blocks that still hold a reusable prefix
+    # Counters since the scheduler started (never reset, so rates and ratios are exact).
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_preemptions: int
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.num_used_blocks + self.num_free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Used blocks / all blocks."""
+        return self.num_used_blocks / self.num_total_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
@@ -83,11 +112,7 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # device -> device
     # The queues and the cache right after this decision (what the step trace records).
-    num_running: int = 0
-    num_waiting: int = 0
-    num_swapped: int = 0
-    num_free_blocks: int = 0
-    num_cached_blocks: int = 0
+    stats: SchedulerStats | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -122,7 +147,7 @@ class Scheduler:
         self.output_ratio = config.initial_output_ratio  # expected output tokens / max_tokens
         self.output_ratio_decay = config.output_ratio_decay
         self.kv = kv_cache_manager
-        self.waiting = policy
+        self.policy = policy  # the waiting queue (swapped requests included), in the policy's order
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.forks: dict[str, tuple[Request, list[Request]]] = {}  # leader id -> (leader, samples)
@@ -130,15 +155,22 @@ class Scheduler:
         self.num_swap_outs = 0
         self._preempted_only_for_waiting = False
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, num_blocks: int, num_host_blocks: int = 0) -> "Scheduler":
+        """A scheduler over a KV cache of num_blocks device blocks (and num_host_blocks host blocks to
+        swap to), with the policy config.scheduling_policy names."""
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
+        return cls(config, kv, make_policy(config.scheduling_policy, config))
+
     # ---- bookkeeping ----------------------------------------------------------------------------
 
     def add_request(self, request: Request, fork_of: Request | None = None) -> None:
-        """Queue a request; with fork_of, it is another sample of that (leader) request."""
-        request.status = RequestStatus.WAITING
+        """Queue a new (WAITING) request; with fork_of, it is another sample of that (leader) request."""
+        assert request.status == RequestStatus.WAITING and not request.num_computed_tokens
         if fork_of is not None:
             self.forks.setdefault(fork_of.request_id, (fork_of, []))[1].append(request)
         else:
-            self.waiting.add(request)
+            self.policy.add(request)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted): leave the queues, give back its blocks."""
@@ -147,16 +179,22 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.SWAPPED:
             self.swapped.remove(request)
-            self.waiting.remove(request)
+            self.policy.remove(request)
         elif request.status == RequestStatus.WAITING:
             if not self._remove_pending_fork(request):
-                self.waiting.remove(request)
+                self.policy.remove(request)
         request.status = status
         self.kv.free(request)
         if status != RequestStatus.FINISHED_ABORTED:
             observed = request.num_output_tokens / request.sampling_params.max_tokens
             self.output_ratio = (self.output_ratio_decay * self.output_ratio
                                  + (1 - self.output_ratio_decay) * observed)
+
+    def append_token(self, request: Request, token_id: int) -> None:
+        """A token sampled for `request` has come back from the model runner: it joins the
+        request's tokens and is no longer pending."""
+        request.append_token(token_id)
+        request.num_pending_tokens = max(0, request.num_pending_tokens - 1)
 
     def _remove_pending_fork(self, request: Request) -> bool:
         for leader_id, (_, samples) in self.forks.items():
@@ -174,15 +212,24 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         """Requests waiting to start or resume, swapped ones not included."""
-        return len(self.waiting) - len(self.swapped) + sum(len(s) for _, s in self.forks.values())
+        return len(self.policy) - len(self.swapped) + sum(len(s) for _, s in self.forks.values())
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.running) + len(self.waiting) + sum(len(s) for _, s in self.forks.values())
+        return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values())
+
+    def make_stats(self) -> SchedulerStats:
+        """The queues and the KV cache now (every reader of these figures takes them from here)."""
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=self.num_waiting, num_swapped=self.num_swapped,
+            num_used_blocks=kv.num_used_blocks, num_free_blocks=kv.num_free_blocks,
+            num_cached_blocks=kv.num_cached_blocks, prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
 
     def live_requests(self) -> Iterable[Request]:
         yield from self.running
-        yield from self.waiting  # swapped requests included
+        yield from self.policy  # swapped requests included
         for _, samples in self.forks.values():
             yield from samples
 
@@ -199,11 +246,7 @@ class Scheduler:
         if not out.preempted_ids or self._preempted_only_for_waiting:
             self._schedule_waiting(out, budget)
         out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy = self.kv.take_pending_ops()
-        out.num_running = len(self.running)
-        out.num_waiting = self.num_waiting
-        out.num_swapped = self.num_swapped
-        out.num_free_blocks = self.kv.num_free_blocks
-        out.num_cached_blocks = self.kv.num_cached_blocks
+        out.stats = self.make_stats()
         return out
 
     def _release_forks(self) -> None:
@@ -216,21 +259,22 @@ class Scheduler:
             del self.forks[leader_id]
             for sample in samples:
                 if leader.status == RequestStatus.RUNNING and len(self.running) < self.max_num_seqs:
-                    self.kv.fork(leader, sample, sample.num_prompt_tokens - 1)
-                    sample.status = RequestStatus.RUNNING
-                    self.running.append(sample)
+                    shared = sample.num_prompt_tokens - 1
+                    self.kv.fork(leader, sample, shared)
+                    sample.num_computed_tokens = shared
+                    self._start_running(sample)
                 else:
-                    self.waiting.add(sample)  # on its own (still sharing cached prefix blocks)
+                    self.policy.add(sample)  # on its own (still sharing cached prefix blocks)
 
     def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         self._preempted_only_for_waiting = False
-        while len(self.waiting):
-            head = self.waiting.peek()
+        while len(self.policy):
+            head = self.policy.peek()
             first_chunk = min(head.num_tokens_with_pending - head.num_computed_tokens, self.max_num_batched_tokens)
             if len(self.running) < self.max_num_seqs and \
                     self.kv.num_new_blocks(head, first_chunk) <= self.kv.num_free_blocks:
                 break
-            victim = self.waiting.preempt_for(head, self.running)
+            victim = self.policy.preempt_for(head, self.running)
             if victim is None:
                 break
             self._preempt(victim, out)
@@ -245,20 +289,20 @@ class Scheduler:
                 continue
             num_new = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
-                victim = self.waiting.choose_victim(self.running[i:])
+                victim = self.policy.choose_victim(self.running[i:])
                 self._preempt(victim, out)
                 self._preempted_only_for_waiting = False
                 if victim is req:
                     break
             else:
-                self._take(req, num_new, out)
+                self._schedule_tokens(req, num_new, out)
                 budget -= num_new
                 i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.peek()
+        while len(self.policy) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.policy.peek()
             if req.num_pending_tokens:
                 break  # preempted with its last sample in flight: resume once the engine has it
             swapped = req.status == RequestStatus.SWAPPED
@@ -277,12 +321,16 @@ class Scheduler:
             else:
                 if not self.kv.allocate_slots(req, num_new, cached):
                     break
+                req.num_computed_tokens += num_cached
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
-            self.waiting.pop()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            self._take(req, num_new, out)
+            self.policy.pop()
+            self._start_running(req)
+            self._schedule_tokens(req, num_new, out)
             budget -= num_new
+
+    def _start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _expected_remaining_output(self, req: Request) -> int:
         expected_output = round(self.output_ratio * req.sampling_params.max_tokens)
@@ -319,14 +367,14 @@ class Scheduler:
         return (req.num_output_tokens + req.num_pending_tokens >= req.sampling_params.max_tokens
                 or req.num_tokens_with_pending >= self.max_model_len)
 
-    def _take(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+    def _schedule_tokens(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
         start = req.num_computed_tokens
         req.num_computed_tokens += num_new
         token_ids = req.all_token_ids[start:start + num_new]
         if len(token_ids) < num_new:  # the pending token: only the model runner knows it yet
             token_ids.append(PENDING_TOKEN)
-        samples = req.num_computed_tokens == req.num_tokens_with_pending
-        if samples:
+        will_sample = req.num_computed_tokens == req.num_tokens_with_pending
+        if will_sample:
             req.num_pending_tokens += 1
         params = req.sampling_params
         out.scheduled.append(ScheduledRequest(
@@ -334,7 +382,7 @@ class Scheduler:
             token_ids=token_ids,
             start_pos=start,
             block_ids=list(req.block_ids),
-            samples=samples,
+            will_sample=will_sample,
             is_prefill=num_new > 1 or start < req.num_prompt_tokens,
             sampling_params=params,
             generator=req.generator,
@@ -351,10 +399,10 @@ class Scheduler:
             req.status = RequestStatus.SWAPPED
             self.swapped.append(req)
             self.num_swap_outs += 1
-            self.waiting.add_preempted(req)
+            self.policy.add_preempted(req)
             return
         # Recompute: drop the KV, keep the tokens; they are computed again on resume.
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
-        self.waiting.add_preempted(req)
+        self.policy.add_preempted(req)

@@ -63,12 +63,19 @@ class RequestStream:
     def finished(self) -> bool:
         return self._closed
 
-    def _put(self, output: RequestOutput) -> None:
+    def put(self, output: RequestOutput) -> None:
+        """The request's latest output (it replaces one not yet read)."""
         self._latest = output
         self._event.set()
 
-    def _fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> None:
+        """End the stream with `error`, raised to its reader."""
         self._error = error
+        self._event.set()
+
+    def close(self) -> None:
+        """End the stream: its reader stops (after any output already put)."""
+        self._closed = True
         self._event.set()
 
     def __aiter__(self) -> "RequestStream":
@@ -92,8 +99,7 @@ class RequestStream:
     def abort(self) -> None:
         """Stop the request (no-op once finished); its blocks are freed before the next step."""
         if not self._closed:
-            self._closed = True
-            self._event.set()
+            self.close()
             self._engine.abort(self.request_id)
 
 
@@ -101,6 +107,9 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, listener: OutputListener | None = None) -> None:
         self.engine = engine
         self.listener = listener
+        # Read-only once the engine is built, so any thread may read them.
+        self.config = engine.config
+        self.vocab_size = engine.vocab_size
         self.max_queued_requests = engine.config.max_queued_requests
         self._streams: dict[str, RequestStream] = {}  # touched on the event loop only
         self._live: set[str] = set()  # added and not finished; touched on the engine thread only
@@ -142,6 +151,17 @@ class AsyncLLMEngine:
         """The engine's figures as of its last step or command (any thread, never blocks)."""
         return self._stats
 
+    def get_tokenizer(self):
+        """The engine's tokenizer. NOTE: the engine thread uses it; a caller on another thread must
+        use a copy (Rust tokenizers must not be used from two threads at once)."""
+        return self.engine.tokenizer
+
+    def queue_is_full(self) -> bool:
+        """max_queued_requests requests wait to be scheduled (the scheduler's num_waiting: swapped
+        requests, already admitted once, do not count). Read on the engine thread."""
+        limit = self.max_queued_requests
+        return limit is not None and self.engine.stats().scheduler.num_waiting >= limit
+
     # ---- requests ----------------------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -153,9 +173,8 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, self)
 
         def add() -> None:
-            limit = self.max_queued_requests
-            if limit is not None and self.engine.stats().num_waiting >= limit:
-                raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
+            if self.queue_is_full():
+                raise QueueFullError(f"the waiting queue is full ({self.max_queued_requests} requests); retry later")
             self.engine.add_request(request_id, prompt, params, priority=priority,
                                     arrival_time=arrival_time, tenant=tenant)
             self._live.add(request_id)
@@ -191,9 +210,8 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request from the event loop (fire and forget)."""
         stream = self._streams.pop(request_id, None)
-        if stream is not None and not stream._closed:
-            stream._closed = True
-            stream._event.set()
+        if stream is not None:
+            stream.close()
 
         def abort() -> None:  # on the engine thread
             if request_id in self._live:
@@ -296,15 +314,15 @@ class AsyncLLMEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            if not stream._closed:
-                stream._put(out)
+            if not stream.finished:
+                stream.put(out)
 
     def _fail_all(self, error: BaseException) -> None:
         def fail() -> None:
             streams = list(self._streams.values())
             self._streams.clear()
             for stream in streams:
-                stream._fail(error)
+                stream.fail(error)
 
         self._call_on_loop(fail)
 

@@ -11,12 +11,11 @@ import torch
 from transformers import AutoTokenizer
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
 from tokenmill.engine.trace import StepRecord, TraceWriter
+from tokenmill.errors import ParamError
 from tokenmill.models.layers.attention import get_attention_backend
 from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
@@ -40,11 +39,10 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         folder = resolve_model(config.model)
         self.hf_config = load_hf_config(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or folder)
-        config.finalize(getattr(self.hf_config, "max_position_embeddings", 2048))
+        self.config = config = config.finalize(getattr(self.hf_config, "max_position_embeddings", 2048))
         torch.set_num_threads(config.num_threads)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = _eos_token_ids(folder, self.hf_config, self.tokenizer)
@@ -64,8 +62,7 @@ class LLMEngine:
                 f"sequence of max_model_len ({config.max_model_len}) tokens: raise kv_cache_memory "
                 f"(or num_kv_blocks) or lower max_model_len")
         num_host_blocks = config.swap_space // bytes_per_block if config.preemption_mode == "swap" else 0
-        kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
-        self.scheduler = Scheduler(config, kv_manager, make_policy(config.scheduling_policy, config))
+        self.scheduler = Scheduler.from_config(config, num_blocks, num_host_blocks)
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
         host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
             if num_host_blocks else []
@@ -119,32 +116,32 @@ class LLMEngine:
             if "prompt_token_ids" in prompt:
                 text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)):
-                    raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+                    raise ParamError("prompt_token_ids", f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
                 ids = list(ids)
             elif "prompt" in prompt:
                 text, ids = prompt["prompt"], None
             else:
-                raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise ParamError("prompt", "prompt dict needs 'prompt' or 'prompt_token_ids'")
         elif isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, list):
             text, ids = None, list(prompt)
         else:
-            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+            raise ParamError("prompt", f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
         if ids is None:
             if not isinstance(text, str):
-                raise ValueError("prompt must be a string")
+                raise ParamError("prompt", "prompt must be a string")
             ids = self.tokenizer.encode(text) if text else []
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise ParamError("prompt", "prompt must not be empty")
         not_int = [t for t in ids if not isinstance(t, int)]
         if not_int:
-            raise ValueError(f"prompt_token_ids must be integers, got {not_int[0]!r} ({type(not_int[0]).__name__})")
+            raise ParamError("prompt_token_ids", f"prompt_token_ids must be integers, got {not_int[0]!r} ({type(not_int[0]).__name__})")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
+            raise ParamError("prompt_token_ids", f"prompt_token_ids contains {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens long, but max_model_len is {self.config.max_model_len} "
+            raise ParamError("prompt", f"prompt is {len(ids)} tokens long, but max_model_len is {self.config.max_model_len} "
                              f"(the prompt plus at least one generated token must fit)")
         return text, ids
 
@@ -153,7 +150,7 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
-            raise ValueError(f"stop_token_ids contains {bad_stop[0]}, outside the vocabulary [0, {self.vocab_size})")
+            raise ParamError("stop_token_ids", f"stop_token_ids contains {bad_stop[0]}, outside the vocabulary [0, {self.vocab_size})")
         room = self.config.max_model_len - prompt_len
         max_tokens = room if params.max_tokens is None else params.max_tokens
         return params.clone(max_tokens=max_tokens, all_stop_token_ids=frozenset(self.eos_token_ids))
@@ -180,18 +177,19 @@ class LLMEngine:
         """
         if self._executor is None:
             t_start = time.time()
-            sched = self.scheduler.schedule()
-            if sched.is_empty:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:
                 return []
-            owners = self._mark_scheduled(sched, t_start)
-            return self._process(sched, owners, self.runner.execute(sched), t_start)
+            requests_by_id = self._mark_scheduled(scheduler_output, t_start)
+            result = self.runner.execute(scheduler_output)
+            return self._process(scheduler_output, requests_by_id, result, t_start)
         if not self._in_flight:
             self._submit()  # start the pipeline: the batch after it is scheduled right below
         self._submit()  # schedule step N+1 while step N computes
         if not self._in_flight:
             return []
-        sched, owners, future, t_start = self._in_flight.popleft()
-        outputs = self._process(sched, owners, future.result(), t_start)
+        scheduler_output, requests_by_id, future, t_start = self._in_flight.popleft()
+        outputs = self._process(scheduler_output, requests_by_id, future.result(), t_start)
         if self._in_flight and not self._parents:
             # Nothing is left to serve: finish the batch in flight (its samples are dropped) so the
             # runner is idle when step() returns.
@@ -200,31 +198,32 @@ class LLMEngine:
 
     def _submit(self) -> None:
         t_start = time.time()
-        sched = self.scheduler.schedule()
-        if not sched.is_empty:
-            owners = self._mark_scheduled(sched, t_start)
-            self._in_flight.append((sched, owners, self._executor.submit(self.runner.execute, sched), t_start))
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.is_empty:
+            requests_by_id = self._mark_scheduled(scheduler_output, t_start)
+            future = self._executor.submit(self.runner.execute, scheduler_output)
+            self._in_flight.append((scheduler_output, requests_by_id, future, t_start))
 
-    def _mark_scheduled(self, sched: SchedulerOutput, t_start: float) -> dict[str, Request]:
+    def _mark_scheduled(self, scheduler_output: SchedulerOutput, t_start: float) -> dict[str, Request]:
         """The batch's requests by id (the objects: an id may be reused once its request ends)."""
-        owners = {s.request_id: self._requests[s.request_id] for s in sched.scheduled}
-        for req in owners.values():
+        requests_by_id = {s.request_id: self._requests[s.request_id] for s in scheduler_output.scheduled}
+        for req in requests_by_id.values():
             if req.times.first_scheduled_time is None:
                 req.times.first_scheduled_time = t_start
                 self._num_prompt_tokens += req.num_prompt_tokens
-        return owners
+        return requests_by_id
 
-    def _process(self, sched: SchedulerOutput, owners: dict[str, Request], result,
+    def _process(self, scheduler_output: SchedulerOutput, requests_by_id: dict[str, Request], result,
                  t_start: float) -> list[RequestOutput]:
         """Append the sampled tokens, check stops, finish requests; the outputs of those advanced."""
         now = time.time()
         touched: dict[str, None] = {}
         finished: list[str] = []
         for rid, (token, logprobs) in result.sampled.items():
-            req = owners[rid]
+            req = requests_by_id[rid]
             if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
                 continue
-            req.append_token(token)
+            self.scheduler.append_token(req, token)
             if logprobs is not None:
                 req.output_logprobs.append(logprobs)
             if req.times.first_token_time is None:
@@ -238,7 +237,7 @@ class LLMEngine:
             self._num_generation_tokens += 1
         self.num_steps += 1
         if self.config.log_steps or self._trace is not None:
-            self._record_step(sched, t_start, finished)
+            self._record_step(scheduler_output, t_start, finished)
         return [self._make_output(pid) for pid in touched if self._yields_output(pid)]
 
     def _yields_output(self, parent_id: str) -> bool:
@@ -246,19 +245,12 @@ class LLMEngine:
         return (parent.children[0].sampling_params.output_kind is not RequestOutputKind.FINAL_ONLY
                 or all(req.is_finished for req in parent.children))
 
-    def _record_step(self, sched: SchedulerOutput, t_start: float, finished: list[str]) -> None:
+    def _record_step(self, scheduler_output: SchedulerOutput, t_start: float, finished: list[str]) -> None:
         # With overlap, a batch is scheduled while the previous one runs: its step starts where
         # that one's ended, so the steps tile the timeline.
         t_start = max(t_start, self._last_step_end)
         self._last_step_end = time.time()
-        record = StepRecord(
-            step=self.num_steps, t_start=t_start, t_end=self._last_step_end,
-            scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens,
-                        "num_computed_tokens": s.start_pos, "phase": "prefill" if s.is_prefill else "decode"}
-                       for s in sched.scheduled],
-            preempted=list(sched.preempted_ids), finished=finished,
-            num_running=sched.num_running, num_waiting=sched.num_waiting, num_swapped=sched.num_swapped,
-            free_blocks=sched.num_free_blocks, cached_blocks=sched.num_cached_blocks)
+        record = StepRecord.of_step(self.num_steps, t_start, self._last_step_end, scheduler_output, finished)
         if self.config.log_steps:
             print(record.format(), file=sys.stderr, flush=True)
         if self._trace is not None:
@@ -305,7 +297,7 @@ class LLMEngine:
             for req in parent.children:
                 self._detokenizers.pop(req.request_id, None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             _metrics(parent.children))
+                             RequestMetrics.of(parent.children))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -317,25 +309,21 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.scheduler.kv.num_free_blocks
+        return self.scheduler.make_stats().num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:
-        return self.scheduler.kv.num_used_blocks
+        return self.scheduler.make_stats().num_used_blocks
 
     @property
     def num_total_blocks(self) -> int:
-        return self.scheduler.kv.pool.num_blocks
+        return self.scheduler.make_stats().num_total_blocks
 
     def stats(self) -> EngineStats:
-        kv = self.scheduler.kv
-        return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_swapped=self.scheduler.num_swapped, num_free_blocks=kv.num_free_blocks,
-            num_cached_blocks=kv.num_cached_blocks, kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
-            num_preemptions=self.scheduler.num_preemptions, prompt_tokens=self._num_prompt_tokens,
-            generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
+        """The scheduler's snapshot (queues, KV blocks, prefix hits, preemptions) and the engine's token
+        counters."""
+        return EngineStats(scheduler=self.scheduler.make_stats(), prompt_tokens=self._num_prompt_tokens,
+                           generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
 
     def close(self) -> None:
         while self._in_flight:
@@ -354,23 +342,6 @@ class LLMEngine:
         self.scheduler.check_integrity()
         if not self.has_unfinished_requests() and self.num_used_blocks:
             raise AssertionError(f"no live request, but {self.num_used_blocks} blocks are still used")
-
-
-def _metrics(children: list[Request]) -> RequestMetrics:
-    def first(values):
-        values = [v for v in values if v is not None]
-        return min(values) if values else None
-
-    times = [c.times for c in children]
-    done = all(t.finished_time is not None for t in times)
-    return RequestMetrics(
-        arrival_time=min(t.arrival_time for t in times),
-        first_scheduled_time=first(t.first_scheduled_time for t in times),
-        first_token_time=first(t.first_token_time for t in times),
-        last_token_time=max((t.last_token_time for t in times if t.last_token_time), default=None),
-        finished_time=max(t.finished_time for t in times) if done else None,
-        num_preemptions=sum(c.num_preemptions for c in children),
-    )
 
 
 def _resolve_backend(name: str) -> str:

@@ -3,27 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.core.scheduler import SchedulerStats
 
-@dataclass
+
+@dataclass(frozen=True)
 class EngineStats:
-    # Gauges: the state after the last step.
-    num_running: int
-    num_waiting: int
-    num_swapped: int
-    num_free_blocks: int
-    num_cached_blocks: int  # free blocks that still hold a reusable prefix
-    kv_cache_usage: float  # used blocks / all blocks
+    scheduler: SchedulerStats  # the queues and the KV cache after the last step, and their counters
     # Counters: totals since the engine started (never reset, so rates and ratios are exact).
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found cached
-    num_preemptions: int
     prompt_tokens: int  # prompt tokens of finished-or-running requests, counted once when first scheduled
     generation_tokens: int  # tokens sampled
     num_steps: int
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 # ---- Prometheus ------------------------------------------------------------------------------------
@@ -51,7 +40,8 @@ class _EngineStatsCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        s: EngineStats = self.stats_fn()
+        stats: EngineStats = self.stats_fn()
+        s = stats.scheduler
         gauges = [("num_requests_running", "Sequences in the running batch.", s.num_running),
                   ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
                   ("num_requests_swapped", "Sequences swapped out to host memory.", s.num_swapped),
@@ -59,8 +49,8 @@ class _EngineStatsCollector:
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
                     ("num_preemptions", "Preemptions of running sequences.", s.num_preemptions),
-                    ("prompt_tokens", "Prompt tokens processed (each sequence counted once).", s.prompt_tokens),
-                    ("generation_tokens", "Tokens generated.", s.generation_tokens)]
+                    ("prompt_tokens", "Prompt tokens processed (each sequence counted once).", stats.prompt_tokens),
+                    ("generation_tokens", "Tokens generated.", stats.generation_tokens)]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
             g.add_metric([self.model_name], value)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from tokenmill.core.scheduler import SchedulerOutput
+
 
 @dataclass
 class StepRecord:
@@ -25,6 +27,19 @@ class StepRecord:
     num_swapped: int = 0
     free_blocks: int = 0
     cached_blocks: int = 0
+
+    @classmethod
+    def of_step(cls, step: int, t_start: float, t_end: float, scheduler_output: SchedulerOutput,
+                finished: list[str]) -> "StepRecord":
+        """The record of one step: what the scheduler decided and the queues it left (its stats)."""
+        stats = scheduler_output.stats
+        return cls(
+            step=step, t_start=t_start, t_end=t_end,
+            scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens, "num_computed_tokens": s.start_pos,
+                        "phase": "prefill" if s.is_prefill else "decode"} for s in scheduler_output.scheduled],
+            preempted=list(scheduler_output.preempted_ids), finished=list(finished),
+            num_running=stats.num_running, num_waiting=stats.num_waiting, num_swapped=stats.num_swapped,
+            free_blocks=stats.num_free_blocks, cached_blocks=stats.num_cached_blocks)
 
     @property
     def num_prefills(self) -> int:

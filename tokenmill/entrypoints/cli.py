@@ -1,42 +1,50 @@
-"""Command line: `tokenmill generate | serve | bench serve | bench throughput | bench calibrate | trace | simulate ...`."""
+"""Command line: `tokenmill generate | serve | bench serve | bench throughput | bench calibrate | bench workload |
+trace | simulate ...`."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+import typing
+from dataclasses import fields
 
 
+def add_engine_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+                    help: dict[str, str] | None = None) -> None:
+    """One flag per EngineConfig field (all of them, or `names`), with the field's name, type, default
+    and help: --max-num-seqs for max_num_seqs, --no-X for a knob that is on by default. `help`
+    replaces a field's help where this command means something more specific."""
+    from tokenmill.config import EngineConfig
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-steps", action="store_true", help="print one line per engine step to stderr")
-    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="overlap scheduling and output processing with the forward pass (default: on only "
-                        "where --num-threads leaves a CPU free)")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
-                   help="paged attention: the C++ kernel (cpu), plain PyTorch (torch), or cpu where it builds (auto)")
-    g.add_argument("--prefill-attention", default="auto", choices=["auto", "kernel", "sdpa"],
-                   help="cpu backend, prompt chunks: the C++ kernel, torch's SDPA, or sdpa for bfloat16 on AMX CPUs (auto)")
-    g.add_argument("--trace", dest="trace_path", default=None, metavar="PATH",
-                   help="write one JSON line per engine step to PATH (see `tokenmill trace`)")
+    types = typing.get_type_hints(EngineConfig)
+    for f in fields(EngineConfig):
+        if names is not None and f.name not in names:
+            continue
+        meta = f.metadata
+        kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)), types[f.name])
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        text = (help or {}).get(f.name, meta["help"])
+        if f.default is not None and kind is not bool and "default" not in text:
+            text += f" (default: {f.default})"
+        kw = dict(dest=f.name, default=f.default, help=text)
+        if kind is bool and f.default is None:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:
+            kw["action"] = "store_false" if f.default else "store_true"
+            if f.default and meta["flag"] is None:
+                flag = "--no-" + f.name.replace("_", "-")
+        else:
+            kw.update(type=kind, choices=meta["choices"], metavar=meta["metavar"])
+        g.add_argument(flag, **kw)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    names = ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "enable_chunked_prefill", "kv_cache_memory", "seed", "log_steps", "trace_path", "num_threads",
-             "attention_backend", "prefill_attention", "async_scheduling")
-    return {n: getattr(args, n) for n in names}
+def engine_kwargs(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> dict:
+    """The EngineConfig arguments parsed by add_engine_args (the same `names`)."""
+    from tokenmill.config import EngineConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(EngineConfig) if names is None or f.name in names}
 
 
 def _read_prompts(args, tokenizer) -> tuple[list, list[int | None]]:
@@ -105,10 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tokenmill.entrypoints.openai.server import run_server
 
-    kwargs = engine_kwargs(args)
-    kwargs["max_queued_requests"] = args.max_queued_requests
-    kwargs.setdefault("scheduling_policy", args.scheduling_policy)
-    run_server(kwargs, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY"),
+    run_server(engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY"),
                served_model_name=args.served_model_name, log_level=args.uvicorn_log_level)
     return 0
 
@@ -126,13 +131,9 @@ def add_serve_parsers(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TOKENMILL_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
-    serve.add_argument("--max-queued-requests", type=int, default=None,
-                       help="answer 503 while this many requests wait to be scheduled")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(serve)
-    if "--scheduling-policy" not in serve._option_string_actions:  # unless the engine args have it
-        serve.add_argument("--scheduling-policy", default="fcfs", help="fcfs | priority | sjf | fair")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -182,6 +183,12 @@ def cmd_trace_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# The EngineConfig knobs the simulator's scheduler reads (the policy comes from --policy).
+SIMULATED_KNOBS = ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
+                   "enable_prefix_caching", "sjf_aging_rate", "preemption_mode", "enable_admission_control",
+                   "initial_output_ratio", "output_ratio_decay")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tokenmill.config import EngineConfig
     from tokenmill.core.policy import POLICIES
@@ -198,12 +205,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"cost model a={cost.a:.4g} s, b={cost.b:.4g} s/token, c={cost.c:.4g} s/context token")
     results = []
     for policy in policies:
-        config = EngineConfig(
-            scheduling_policy=policy, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
-            enable_admission_control=args.enable_admission_control, preemption_mode=args.preemption_mode,
-            num_threads=1)
+        config = EngineConfig(scheduling_policy=policy, num_threads=1, **engine_kwargs(args, SIMULATED_KNOBS))
         trace_path = None
         if args.trace:
             trace_path = args.trace if len(policies) == 1 else args.trace.replace(".jsonl", "") + f".{policy}.jsonl"
@@ -275,14 +277,7 @@ def add_trace_sim_parsers(sub) -> None:
                      help="default: one per workload line; more replays the workload in seeded shuffles")
     sim.add_argument("--seed", type=int, default=0, help="seeds the arrival times and the replay order")
     sim.add_argument("--kv-blocks", type=int, default=4096, help="KV cache size in blocks (default 4096)")
-    sim.add_argument("--block-size", type=int, default=16)
-    sim.add_argument("--max-num-seqs", type=int, default=256)
-    sim.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (512 with chunked prefill)")
-    sim.add_argument("--max-model-len", type=int, default=None, help="default: the longest workload request")
-    sim.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    sim.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    sim.add_argument("--no-admission-control", dest="enable_admission_control", action="store_false")
-    sim.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    add_engine_args(sim, SIMULATED_KNOBS, help={"max_model_len": "default: the longest workload request"})
     sim.add_argument("--swap-blocks", type=int, default=0, help="host blocks for --preemption-mode swap")
     sim.add_argument("--cost-model", default=None,
                      help="JSON {a, b, c} from `tokenmill bench calibrate` (default: built in, fitted on this machine)")
@@ -297,6 +292,45 @@ def add_trace_sim_parsers(sub) -> None:
     cal.add_argument("--out", default=None, help="write the cost model JSON here (e.g. cost_model.json)")
     add_engine_args(cal)
     cal.set_defaults(func=cmd_bench_calibrate)
+
+
+def cmd_bench_workload(args: argparse.Namespace) -> int:
+    from tokenmill.workload import make_workload, write_workload
+
+    requests = make_workload(args.n, args.vocab_size, args.prompt, args.output, args.seed, args.shared_prefix)
+    write_workload(args.out, requests)
+    print(f"{len(requests)} requests, {sum(len(r['prompt_token_ids']) for r in requests)} prompt tokens, "
+          f"{sum(r['max_tokens'] for r in requests)} output tokens -> {args.out}")
+    return 0
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    """'LO:HI' -> (LO, HI)."""
+    try:
+        lo, hi = map(int, text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI (two integers), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def add_bench_workload_parser(sub) -> None:
+    """`tokenmill bench workload`: write a random token-id workload file (the benchmarks' input)."""
+    bench_sub = _subcommand_group(sub, "bench", "benchmarks")
+    wl = bench_sub.add_parser("workload", help="write a workload file of random token-id requests "
+                                               "(the same file as the team's bench/workload.py for the same arguments)")
+    wl.add_argument("--out", required=True, help="the JSONL file to write")
+    wl.add_argument("--n", type=int, default=128, help="requests (default: 128)")
+    wl.add_argument("--prompt", type=_token_range, default=(32, 256), metavar="LO:HI",
+                    help="prompt tokens of each request, uniform in [LO, HI], after the shared prefix (default: 32:256)")
+    wl.add_argument("--output", type=_token_range, default=(32, 256), metavar="LO:HI",
+                    help="max_tokens of each request, uniform in [LO, HI] (default: 32:256)")
+    wl.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (default: 0)")
+    wl.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    wl.add_argument("--vocab-size", type=int, default=49152, help="token ids are drawn from [100, VOCAB_SIZE - 100) "
+                                                                  "(default: 49152, SmolLM2's)")
+    wl.set_defaults(func=cmd_bench_workload)
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -359,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_sim_parsers(sub)
     add_bench_throughput_parser(sub)
     add_bench_profile_parser(sub)
+    add_bench_workload_parser(sub)
     return parser
 
 

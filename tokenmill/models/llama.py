@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.config import head_dim
 from tokenmill.models.layers.attention import AttentionBackend
 from tokenmill.models.layers.norm import RMSNorm
 from tokenmill.models.layers.rotary import RotaryEmbedding, StepRotary
@@ -31,7 +32,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.scale = self.head_dim ** -0.5
         out_bias = bool(getattr(cfg, "attention_bias", False)) and not _is_qwen2(cfg)
         self.q_size = self.num_heads * self.head_dim

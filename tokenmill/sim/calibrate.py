@@ -5,9 +5,9 @@ prompt, many short ones, mixed prefill and decode, long-context decodes, wide de
 with a step trace on; each step after the warm-up is one sample of
 (tokens in the step, context tokens, t_end - t_start), and a least-squares fit gives a, b, c.
 
-NOTE: the fit weighs each step by 1 / its time (least relative error). Step times span ~50 ms
-(a one-token decode) to seconds (a 2048-token prefill); unweighted, the few long prefill steps
-decide a and b, and the many short decode steps, which dominate a simulated run, come out ~30% off.
+NOTE: the fit weighs each step by 1 / its time (least relative error). Step times span orders of
+magnitude (a one-token decode to a long prefill); unweighted, the few long prefill steps decide a
+and b, and the many short decode steps, which dominate a simulated run, are fitted worst.
 """
 from __future__ import annotations
 

@@ -22,11 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
-from tokenmill.core.policy import make_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.timeline import write_arrivals
 from tokenmill.engine.trace import StepRecord, TraceWriter
+from tokenmill.outputs import RequestMetrics
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.workload import WorkloadRecord
@@ -59,12 +58,9 @@ class CostModel:
             f.write("\n")
 
 
-# NOTE: fitted on this project's 2-core CPU machine, idle (SmolLM2-135M-Instruct, float32 as "auto"
-# picks without AVX512-BF16, 2 threads, the engine's defaults: the C++ attention and fused kernels,
-# prepacked linears) with
-#   tokenmill bench calibrate --out cost_model.json
-# (204 steps, median error 6.4%, R^2 0.96). Read: ~27 ms per step, ~1.7 ms per token, ~5 us per
-# context token. (The previous fit, with the torch attention backend, read 46 ms, 1.6 ms, 20 us.)
+# NOTE: what `tokenmill bench calibrate --out cost_model.json` fitted on this project's machine with
+# the engine's defaults (README, "Scheduling simulator": the setting and the quality of the fit).
+# Refit it there when the engine's speed changes: these numbers are only as current as that run.
 DEFAULT_COST_MODEL = CostModel(a=0.0273, b=0.00168, c=5.23e-6)
 
 
@@ -110,37 +106,9 @@ def make_arrivals(records: list[WorkloadRecord], num_requests: int | None, arriv
 
 
 @dataclass
-class RequestStats:
-    arrival: float
-    first_scheduled: float
-    first_token: float
-    finished: float
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_preemptions: int
-
-    @property
-    def queue_time(self) -> float:
-        return self.first_scheduled - self.arrival
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def e2e(self) -> float:
-        return self.finished - self.arrival
-
-    @property
-    def tpot(self) -> float | None:
-        n = self.num_output_tokens - 1
-        return (self.finished - self.first_token) / n if n > 0 else None
-
-
-@dataclass
 class SimResult:
     policy: str
-    requests: list[RequestStats]
+    requests: list[RequestMetrics]  # in arrival order
     num_steps: int
     sim_time: float  # virtual seconds from the first arrival to the last finish
     num_preemptions: int
@@ -155,16 +123,16 @@ class SimResult:
     def summary(self) -> dict:
         """Every figure of the run, deterministic for a seed (wall times left out)."""
         reqs = self.requests
-        out_tokens = sum(r.num_output_tokens for r in reqs)
+        out_tokens = sum(r.num_generation_tokens for r in reqs)
         d = {"policy": self.policy, "requests": len(reqs), "steps": self.num_steps,
              "sim_time_s": self.sim_time, "preemptions": self.num_preemptions,
              "throughput_req_s": len(reqs) / self.sim_time if self.sim_time > 0 else 0.0,
              "throughput_out_tok_s": out_tokens / self.sim_time if self.sim_time > 0 else 0.0,
              "mean_batch_size": self.mean_batch_size, "mean_tokens_per_step": self.mean_tokens_per_step,
              "prefix_cache_hit_rate": self.prefix_cache_hit_rate}
-        for name, values in (("queue_time", [r.queue_time for r in reqs]), ("ttft", [r.ttft for r in reqs]),
-                             ("e2e", [r.e2e for r in reqs]),
-                             ("tpot", [r.tpot for r in reqs if r.tpot is not None])):
+        for name, values in (("queue_time", [r.queue_time for r in reqs]),
+                             ("ttft", [r.time_to_first_token for r in reqs]), ("e2e", [r.e2e_latency for r in reqs]),
+                             ("tpot", [r.time_per_output_token for r in reqs if r.time_per_output_token is not None])):
             d[name] = distribution(values)
         return d
 
@@ -197,7 +165,7 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
     """
     wall0 = time.perf_counter()
     longest = max(len(a.prompt_token_ids) + a.record.max_tokens for a in arrivals)
-    config.finalize(config.max_model_len or longest)
+    config = config.finalize(config.max_model_len or longest)
     max_len = config.max_model_len
     too_long = next((a for a in arrivals if len(a.prompt_token_ids) >= max_len), None)
     if too_long is not None:
@@ -205,90 +173,103 @@ def simulate(arrivals: list[Arrival], config: EngineConfig, num_blocks: int,
     if num_blocks * config.block_size < min(longest, max_len):
         raise ValueError(f"{num_blocks} blocks of {config.block_size} tokens cannot hold the longest request "
                          f"({min(longest, max_len)} tokens): raise the number of KV blocks")
-    if config.preemption_mode == "swap":
-        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                            num_host_blocks=num_host_blocks)
-    else:
-        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    sched = Scheduler(config, kv, make_policy(config.scheduling_policy, config))
+    scheduler = Scheduler.from_config(config, num_blocks, num_host_blocks if config.preemption_mode == "swap" else 0)
+    run = _Run(arrivals, scheduler, cost_model, max_len, TraceWriter(trace_path) if trace_path else None)
+    while len(run.finished) < len(arrivals):
+        run.arrive()
+        if not run.step():
+            run.idle()
+    if run.trace is not None:
+        run.trace.close()
+        write_arrivals(trace_path, {str(i): a.time for i, a in enumerate(arrivals)})
+    stats = scheduler.make_stats()
+    steps = run.num_steps
+    return SimResult(
+        policy=config.scheduling_policy, requests=sorted(run.finished, key=lambda r: r.arrival_time),
+        num_steps=steps, sim_time=run.now - arrivals[0].time, num_preemptions=stats.num_preemptions,
+        mean_batch_size=run.total_batch / steps if steps else 0.0,
+        mean_tokens_per_step=run.total_tokens / steps if steps else 0.0,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate, num_used_blocks_at_end=stats.num_used_blocks,
+        wall_time=time.perf_counter() - wall0, schedule_time=run.schedule_time,
+        config={"num_blocks": num_blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
+                "max_num_batched_tokens": config.max_num_batched_tokens, "cost_model": asdict(cost_model)})
 
-    trace = TraceWriter(trace_path) if trace_path else None
-    live: dict[str, Request] = {}
-    finished: list[RequestStats] = []
-    now, nxt, n = 0.0, 0, len(arrivals)
-    num_steps = total_batch = total_tokens = 0
-    schedule_time = 0.0
-    while len(finished) < n:
-        while nxt < n and arrivals[nxt].time <= now:
-            a = arrivals[nxt]
-            max_tokens = min(a.record.max_tokens, max_len - len(a.prompt_token_ids))
-            req = Request(str(nxt), a.prompt_token_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+
+class _Run:
+    """One simulation on its virtual clock: requests arrive, steps run, requests finish."""
+
+    def __init__(self, arrivals: list[Arrival], scheduler: Scheduler, cost_model: CostModel, max_model_len: int,
+                 trace: TraceWriter | None) -> None:
+        self.arrivals, self.scheduler, self.cost_model, self.trace = arrivals, scheduler, cost_model, trace
+        self.max_model_len = max_model_len
+        self.now = 0.0
+        self.next_arrival = 0  # index into arrivals
+        self.live: dict[str, Request] = {}
+        self.finished: list[RequestMetrics] = []
+        self.num_steps = self.total_batch = self.total_tokens = 0
+        self.schedule_time = 0.0  # real seconds inside Scheduler.schedule()
+
+    def arrive(self) -> None:
+        """Queue every request that has arrived by now."""
+        while self.next_arrival < len(self.arrivals) and self.arrivals[self.next_arrival].time <= self.now:
+            a = self.arrivals[self.next_arrival]
+            max_tokens = min(a.record.max_tokens, self.max_model_len - len(a.prompt_token_ids))
+            req = Request(str(self.next_arrival), a.prompt_token_ids,
+                          SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                           priority=a.record.priority, arrival_time=a.time, tenant=a.record.tenant)
-            live[req.request_id] = req
-            sched.add_request(req)
-            nxt += 1
+            self.live[req.request_id] = req
+            self.scheduler.add_request(req)
+            self.next_arrival += 1
+
+    def idle(self) -> None:
+        """Nothing could be scheduled: wait for the next arrival."""
+        if self.next_arrival >= len(self.arrivals):
+            raise RuntimeError(f"the scheduler scheduled nothing with {len(self.live)} requests unfinished "
+                               f"and no arrivals left (stuck at t={self.now:.3f} s)")
+        self.now = max(self.now, self.arrivals[self.next_arrival].time)
+
+    def step(self) -> bool:
+        """One step: schedule, advance the clock by the cost model, hand each sampling request its fake
+        token; False (and nothing done) if the scheduler had nothing to run."""
         t0 = time.perf_counter()
-        out = sched.schedule()
-        schedule_time += time.perf_counter() - t0
+        out = self.scheduler.schedule()
+        self.schedule_time += time.perf_counter() - t0
         if out.is_empty:
-            if nxt < n:  # idle until the next arrival
-                now = max(now, arrivals[nxt].time)
-                continue
-            raise RuntimeError(f"the scheduler scheduled nothing with {len(live)} requests unfinished "
-                               f"and no arrivals left (stuck at t={now:.3f} s)")
+            return False
         num_tokens = context = 0
         for s in out.scheduled:
             num_tokens += s.num_tokens
             context += s.start_pos + s.num_tokens
-            times = live[s.request_id].times
+            times = self.live[s.request_id].times
             if times.first_scheduled_time is None:
-                times.first_scheduled_time = now
-        t_start = now
-        now += cost_model.step_time(num_tokens, context)
-        num_steps += 1
-        total_batch += len(out.scheduled)
-        total_tokens += num_tokens
+                times.first_scheduled_time = self.now
+        t_start = self.now
+        self.now += self.cost_model.step_time(num_tokens, context)
+        self.num_steps += 1
+        self.total_batch += len(out.scheduled)
+        self.total_tokens += num_tokens
         done: list[str] = []
         for s in out.scheduled:
-            if not s.samples:
-                continue
-            req = live[s.request_id]
-            req.append_token(_FAKE_TOKEN)
-            times = req.times
-            if times.first_token_time is None:
-                times.first_token_time = now
-            if req.num_output_tokens >= req.sampling_params.max_tokens:
-                times.finished_time = now
-                sched.finish_request(req, RequestStatus.FINISHED_LENGTH)
-                del live[s.request_id]
+            if s.will_sample and self._sample(self.live[s.request_id]):
                 done.append(s.request_id)
-                finished.append(RequestStats(
-                    arrival=times.arrival_time, first_scheduled=times.first_scheduled_time,
-                    first_token=times.first_token_time, finished=now, num_prompt_tokens=req.num_prompt_tokens,
-                    num_output_tokens=req.num_output_tokens, num_preemptions=req.num_preemptions))
-        if trace is not None:
-            trace.write(StepRecord(
-                step=num_steps, t_start=t_start, t_end=now,
-                scheduled=[{"request_id": s.request_id, "num_tokens": s.num_tokens, "num_computed_tokens": s.start_pos,
-                            "phase": "prefill" if s.is_prefill else "decode"} for s in out.scheduled],
-                preempted=list(out.preempted_ids), finished=done, num_running=out.num_running,
-                num_waiting=out.num_waiting, num_swapped=out.num_swapped, free_blocks=out.num_free_blocks,
-                cached_blocks=out.num_cached_blocks))
-    if trace is not None:
-        trace.close()
-        write_arrivals(trace_path, {str(i): a.time for i, a in enumerate(arrivals)})
-    finished.sort(key=lambda r: r.arrival)
-    queries = kv.prefix_cache_queries
-    return SimResult(
-        policy=config.scheduling_policy, requests=finished, num_steps=num_steps,
-        sim_time=now - arrivals[0].time, num_preemptions=sched.num_preemptions,
-        mean_batch_size=total_batch / num_steps if num_steps else 0.0,
-        mean_tokens_per_step=total_tokens / num_steps if num_steps else 0.0,
-        prefix_cache_hit_rate=kv.prefix_cache_hits / queries if queries else 0.0,
-        num_used_blocks_at_end=kv.num_used_blocks,
-        wall_time=time.perf_counter() - wall0, schedule_time=schedule_time,
-        config={"num_blocks": num_blocks, "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
-                "max_num_batched_tokens": config.max_num_batched_tokens, "cost_model": asdict(cost_model)})
+        if self.trace is not None:
+            self.trace.write(StepRecord.of_step(self.num_steps, t_start, self.now, out, done))
+        return True
+
+    def _sample(self, req: Request) -> bool:
+        """The request's token of this step; True if that ends it (max_tokens, as with ignore_eos)."""
+        self.scheduler.append_token(req, _FAKE_TOKEN)
+        times = req.times
+        if times.first_token_time is None:
+            times.first_token_time = self.now
+        times.last_token_time = self.now
+        if req.num_output_tokens < req.sampling_params.max_tokens:
+            return False
+        times.finished_time = self.now
+        self.scheduler.finish_request(req, RequestStatus.FINISHED_LENGTH)
+        del self.live[req.request_id]
+        self.finished.append(RequestMetrics.of([req]))
+        return True
 
 
 # ---- report ----------------------------------------------------------------------------------------

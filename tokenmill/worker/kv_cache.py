@@ -8,11 +8,11 @@ import warnings
 import torch
 
 from tokenmill.models.layers.attention import kv_cache_shape
+from tokenmill.config import head_dim
 
 
 def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim
+    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * head_dim(hf_config)
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
@@ -20,8 +20,7 @@ def allocate_kv_caches(hf_config, num_blocks: int, block_size: int, dtype: torch
     """Zero-filled caches in one anonymous memory map: the OS hands out zeroed pages as they are
     first written, so even a cache of gigabytes costs nothing at start-up (torch.zeros would touch
     every page: seconds)."""
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    shape = kv_cache_shape(num_blocks, block_size, hf_config.num_key_value_heads, head_dim)
+    shape = kv_cache_shape(num_blocks, block_size, hf_config.num_key_value_heads, head_dim(hf_config))
     layers = hf_config.num_hidden_layers
     if num_blocks == 0:
         return [torch.zeros(shape, dtype=dtype) for _ in range(layers)]

@@ -80,7 +80,7 @@ class ModelRunner:
         req_of_token = np.repeat(np.arange(n), lens)
         slot_mapping = block_tables[req_of_token, positions // bs] * bs + positions % bs
 
-        sampling = [i for i, r in enumerate(reqs) if r.samples]
+        sampling = [i for i, r in enumerate(reqs) if r.will_sample]
         logits_indices = torch.from_numpy(query_start_loc[1:][sampling] - 1)
         attn_inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slot_mapping),

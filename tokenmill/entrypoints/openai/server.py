@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,19 +53,21 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "server_error"),
+                                         param=param, code=code)).model_dump()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "server_error"),
-                                         param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
-_PARAM_NAMES = {f.name for f in fields(SamplingParams)} | {"prompt", "prompt_token_ids"}
-
-
-def _param_of(message: str, rename: dict[str, str]) -> str | None:
-    """The request field a ValueError from SamplingParams / LLMEngine names (its first word)."""
-    first = message.split(" ", 1)[0]
-    return rename.get(first, first) if first in _PARAM_NAMES else None
+def _client_param(e: ValueError, rename: dict[str, str]) -> str | None:
+    """The request field a ValueError from SamplingParams / LLMEngine is about (a ParamError carries
+    it), as the client named it."""
+    param = getattr(e, "param", None)
+    return rename.get(param, param)
 
 
 def _hold_back(stop: str | list[str] | None) -> int:
@@ -111,11 +113,10 @@ class OpenAIServer:
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
-        llm_engine = engine.engine
         # NOTE: a private copy: Rust tokenizers must not be used from two threads at once.
-        self.tokenizer = copy.deepcopy(llm_engine.tokenizer)
-        self.max_model_len = llm_engine.config.max_model_len
-        self.vocab_size = llm_engine.vocab_size
+        self.tokenizer = copy.deepcopy(engine.get_tokenizer())
+        self.max_model_len = engine.config.max_model_len
+        self.vocab_size = engine.vocab_size
         self._token_text: dict[int, str] = {}
 
     # ---- shared helpers -----------------------------------------------------------------------
@@ -182,10 +183,9 @@ class OpenAIServer:
                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
         except ValueError as e:
-            param = _param_of(str(e), names)
-            message = str(e)
-            if param is not None and not message.startswith(param):  # name the field the client sent
-                message = param + message[message.index(" "):]
+            param, message = _client_param(e, names), str(e)
+            if param is not None and param != e.param:  # the message names the field the client sent
+                message = param + message.removeprefix(e.param)
             raise APIError(400, message, param=param) from None
 
     async def add_requests(self, request_id: str, prompts: list[_Prompt], params: SamplingParams, body,
@@ -203,7 +203,7 @@ class OpenAIServer:
                 s.abort()
             if isinstance(e, ValueError):
                 names = {"prompt": prompt_param, "prompt_token_ids": prompt_param}
-                raise APIError(400, str(e), param=_param_of(str(e), names)) from None
+                raise APIError(400, str(e), param=_client_param(e, names)) from None
             if isinstance(e, QueueFullError):
                 raise APIError(503, str(e), code="queue_full") from None
             if isinstance(e, EngineDeadError):
@@ -305,7 +305,7 @@ class OpenAIServer:
                 yield f"data: {chunk.model_dump_json()}\n\n"
             yield "data: [DONE]\n\n"
         except EngineDeadError as e:
-            yield f"data: {json.dumps(_error_body(503, str(e)))}\n\n"
+            yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
         finally:
             for s in streams:
                 s.abort()
@@ -403,7 +403,7 @@ class OpenAIServer:
                 yield chunk([], self.usage([prompt], [final]))
             yield "data: [DONE]\n\n"
         except EngineDeadError as e:
-            yield f"data: {json.dumps(_error_body(503, str(e)))}\n\n"
+            yield f"data: {json.dumps(error_body(503, str(e)))}\n\n"
         finally:
             stream.abort()
 
@@ -429,11 +429,6 @@ class OpenAIServer:
 
 
 # ---- streams ----------------------------------------------------------------------------------------
-
-def _error_body(status: int, message: str) -> dict:
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": None,
-                      "code": None}}
-
 
 class _EventStream(StreamingResponse):
     """Server-sent events that abort their requests however the response ends (done, disconnect,
@@ -587,7 +582,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, root=str(engine.engine.config.model or model_name),
+        return ModelList(data=[ModelCard(id=model_name, root=str(engine.config.model or model_name),
                                          max_model_len=server.max_model_len)])
 
     @app.post("/v1/completions", dependencies=auth)
@@ -625,5 +620,5 @@ def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000, a
     engine.listener = metrics
     app = build_app(engine, model_name, metrics, api_key)
     logger.info("serving %s on http://%s:%d (max_model_len %d, %d KV blocks)", model_name, host, port,
-                engine.engine.config.max_model_len, engine.engine.num_total_blocks)
+                engine.config.max_model_len, engine.stats().scheduler.num_total_blocks)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

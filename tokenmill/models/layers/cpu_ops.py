@@ -45,7 +45,8 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags line (/proc/cpuinfo), for the build hash and the feature checks."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -58,7 +59,7 @@ def _cpu_flags() -> str:
 
 def cpu_has_amx() -> bool:
     """Whether the CPU has AMX's bfloat16 tile units (torch's flash-attention and GEMMs use them)."""
-    return "amx_bf16" in _cpu_flags().split()
+    return "amx_bf16" in cpu_flags().split()
 
 
 def build_directory() -> Path:
@@ -66,11 +67,12 @@ def build_directory() -> Path:
     h = hashlib.sha256()
     files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h"))
     for part in (*(f.read_bytes() for f in files), torch.__version__.encode(), " ".join(_CFLAGS + _LDFLAGS).encode(),
-                 sys.version.encode(), platform.machine().encode(), _cpu_flags().encode()):
+                 sys.version.encode(), platform.machine().encode(), cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
-    root = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
-    return root / "torch_extensions" / f"{_NAME}-{h.hexdigest()[:16]}"
+    from tokenmill.models.loader import cache_dir
+
+    return cache_dir() / "torch_extensions" / f"{_NAME}-{h.hexdigest()[:16]}"
 
 
 def _import_built(directory: Path) -> ModuleType | None:

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from tokenmill.config import head_dim as config_head_dim
+
 
 def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling for any rope type transformers knows."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        head_dim = config_head_dim(hf_config)
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
