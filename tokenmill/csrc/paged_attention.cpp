@@ -75,10 +75,15 @@ namespace tokenmill {
 namespace {
 
 constexpr int kRowPathMax = 8;   // items with at most this many query rows per KV head take the row path
+constexpr int kTileKeys = 64;    // row path: keys per online-softmax step (whole blocks, at least one)
+constexpr int kMaxTileBlocks = kTileKeys;
 constexpr int kTileRows = 48;    // target query rows (tokens x group) of a tile-path item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Blocks the row path takes per softmax step: kTileKeys keys' worth, at least one block.
+inline int blocks_per_tile(int64_t block_size) { return static_cast<int>(std::max<int64_t>(1, kTileKeys / block_size)); }
 
 // ---- the problem, as raw pointers and strides ------------------------------------------------
 
@@ -161,7 +166,7 @@ inline void prefetch(const void* p, int64_t n) {
 
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
-  std::vector<float> a, b, s, m, l, corr, kpack, vpack;
+  std::vector<float> a, b, s, m, l, corr, ones, kpack, vpack;
   std::vector<int32_t> pos;
   void reserve(int64_t rows, int64_t d, int64_t bs) {
     const int64_t rp = round_up(std::max<int64_t>(rows, 1), kLanes), dp = round_up(d, kLanes);
@@ -169,8 +174,9 @@ struct Scratch {
     auto grow = [](std::vector<float>& v, int64_t n) { if ((int64_t)v.size() < n) v.resize(n); };
     grow(a, rp * dp);
     grow(b, rp * dp);
-    grow(s, rp * bp);
+    grow(s, rp * bp * blocks_per_tile(bs));
     grow(m, rp);
+    if ((int64_t)ones.size() < rp) ones.assign(rp, 1.f);
     grow(l, rp);
     grow(corr, rp);
     grow(kpack, bp * dp);
@@ -212,11 +218,11 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
 
 // ---- row path: few query rows (decode tokens, tiny chunks) -----------------------------------
 
-// s[r * SP + c] = q_r . k_c for R rows (packed float, stride DP, pre-scaled) and the block's keys
+// s[r * s_st + c] = q_r . k_c for R rows (packed float, stride DP, pre-scaled) and the block's keys
 // c < BS, from the block's transposed keys kt [D][BS]. NA accumulators per row, over alternate
 // dimensions, so that the FMA latency does not bound the loop (R * NA independent chains).
 template <int R, bool kFull, typename T>
-inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int SP, float* s) {
+inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s_st, float* s) {
   constexpr int NA = kLanes >= 16 ? (R <= 2 ? 4 : 2) : (R <= 2 ? 2 : 1);
   for (int c0 = 0; c0 < BS; c0 += kLanes) {
     const int w = kFull ? kLanes : std::min(kLanes, BS - c0);
@@ -245,7 +251,7 @@ inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int S
       vfloat sum = acc[0][r];
       TM_UNROLL
       for (int a = 1; a < NA; ++a) sum += acc[a][r];
-      store(s + r * SP + c0, sum);
+      store(s + r * s_st + c0, sum);
     }
   }
 }
@@ -315,12 +321,21 @@ template <typename T, typename I>
 void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   const int D = p.head_dim, BS = p.block_size, M = x.rows * x.nh;  // rows of head h0 + i are rows i * x.rows ...
   const int DP = static_cast<int>(round_up(D, kLanes)), SP = static_cast<int>(round_up(BS, kLanes));
+  const int TB = blocks_per_tile(BS), TS = TB * SP;  // a softmax step covers TB blocks; block b's scores at b * SP
   float* q = sc.a.data();    // [M][DP] packed query rows, pre-scaled
   float* acc = sc.b.data();  // [M][DP]
-  float* s = sc.s.data();    // [M][SP] scores, then probabilities
+  float* s = sc.s.data();    // [M][TS] scores, then probabilities
   float* mx = sc.m.data();
   float* l = sc.l.data();
   float* corr = sc.corr.data();
+  float* ones = sc.ones.data();
+  const int64_t block_bytes = static_cast<int64_t>(BS) * D * sizeof(T) * x.nh;  // K (or V) of the item's heads
+  const int num_blocks = (x.key_end + BS - 1) / BS;
+  for (int b = 0; b < std::min(TB, num_blocks); ++b) {  // the first tile, while the queries are packed
+    const int64_t first = block_of(p, x, b);
+    prefetch(p.keys(first, x.h0), block_bytes);
+    prefetch(p.values(first, x.h0), block_bytes);
+  }
   for (int h = 0; h < x.nh; ++h)
     for (int m = 0; m < x.rows; ++m) {
       const T* src = q_row(p, x, x.h0 + h, m);
@@ -330,54 +345,67 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   std::fill(mx, mx + M, kNegInf);
   std::fill(l, l + M, 0.f);
   std::fill(acc, acc + M * DP, 0.f);
-  const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);
   const vfloat lane = lane_index();
-  const int num_blocks = (x.key_end + BS - 1) / BS;
-  for (int kb = 0; kb < num_blocks; ++kb) {
-    const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
-    const int64_t blk = block_of(p, x, kb);
-    if (kb + 1 < num_blocks) {  // the next block's K and V of this item's heads, while this one computes
-      const int64_t next = block_of(p, x, kb + 1);
-      prefetch(p.keys(next, x.h0), head_bytes * x.nh);
-      prefetch(p.values(next, x.h0), head_bytes * x.nh);
-    }
+  int64_t blk[kMaxTileBlocks];
+  for (int t0 = 0; t0 < num_blocks; t0 += TB) {
+    const int nb = std::min(TB, num_blocks - t0);
+    for (int b = 0; b < nb; ++b) blk[b] = block_of(p, x, t0 + b);
     for (int h = 0; h < x.nh; ++h) {
       const int r0 = h * x.rows;
-      const T* kt = p.keys(blk, x.h0 + h);
-      for_row_groups(x.rows, [&](auto R, int r) {
-        if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, SP, s + (r0 + r) * SP);
-        else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, SP, s + (r0 + r) * SP);
-      });
-      // The softmax step of each row: keys k0 + c with c < valid are visible (causal limit and block end).
+      for (int b = 0; b < nb; ++b) {
+        if (h == 0 && t0 + TB + b < num_blocks) {  // block b of the next tile, while this tile computes
+          const int64_t next = block_of(p, x, t0 + TB + b);
+          prefetch(p.keys(next, x.h0), block_bytes);
+          prefetch(p.values(next, x.h0), block_bytes);
+        }
+        const T* kt = p.keys(blk[b], x.h0 + h);
+        for_row_groups(x.rows, [&](auto R, int r) {
+          float* out = s + (r0 + r) * TS + b * SP;
+          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out);
+          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out);
+        });
+      }
+      // The softmax step of each row over the tile: key k of block b is visible iff it exists and
+      // lies at or before the row's position (valid counts them per block).
       for (int m = r0; m < r0 + x.rows; ++m) {
-        const int valid = std::min(n, x.pos0 + (m - r0) / p.group + 1 - k0);
-        float* sm = s + m * SP;
-        if (valid <= 0) {  // the whole block lies after this row's position: the row keeps its state
-          std::fill(sm, sm + SP, 0.f);
+        const int last = x.pos0 + (m - r0) / p.group;  // the row's position
+        float* sm = s + m * TS;
+        vfloat tmax = splat(kNegInf);
+        bool any = false;
+        for (int b = 0; b < nb; ++b) {
+          const int k0 = (t0 + b) * BS;
+          const int valid = std::min(std::min(BS, x.key_end - k0), last + 1 - k0);
+          any |= valid > 0;
+          for (int c0 = 0; c0 < SP; c0 += kLanes) {  // masked lanes become 0 after the exp
+            const vfloat v = lane < static_cast<float>(valid - c0) ? load(sm + b * SP + c0) : splat(kNegInf);
+            store(sm + b * SP + c0, v);
+            tmax = vmax(tmax, v);
+          }
+        }
+        if (!any) {  // the whole tile lies after this row's position: the row keeps its state
+          std::fill(sm, sm + nb * SP, 0.f);
           corr[m] = 1.f;
           continue;
         }
-        vfloat tmax = splat(kNegInf);
-        for (int c0 = 0; c0 < n; c0 += kLanes) {  // every vector the value pass reads: masked lanes -> 0
-          const vfloat v = lane < static_cast<float>(valid - c0) ? load(sm + c0) : splat(kNegInf);
-          store(sm + c0, v);
-          tmax = vmax(tmax, v);
-        }
         const float mnew = std::max(mx[m], reduce_max(tmax));
         vfloat sum{};
-        for (int c0 = 0; c0 < n; c0 += kLanes) {
+        for (int c0 = 0; c0 < nb * SP; c0 += kLanes) {
           const vfloat e = vexp(load(sm + c0) - mnew);
           store(sm + c0, e);
           sum += e;
         }
-        corr[m] = std::exp(mx[m] - mnew);  // 0 on the first block (mx = -inf)
+        corr[m] = std::exp(mx[m] - mnew);  // 0 on the first tile (mx = -inf)
         l[m] = l[m] * corr[m] + reduce_add(sum);
         mx[m] = mnew;
       }
-      const T* vb = p.values(blk, x.h0 + h);
-      for_row_groups(x.rows, [&](auto R, int r) {
-        row_values<decltype(R)::value>(acc + (r0 + r) * DP, DP, D, vb, n, s + (r0 + r) * SP, SP, corr + r0 + r);
-      });
+      for (int b = 0; b < nb; ++b) {
+        const T* vb = p.values(blk[b], x.h0 + h);
+        const int n = std::min(BS, x.key_end - (t0 + b) * BS);
+        for_row_groups(x.rows, [&](auto R, int r) {  // the rescale by corr once per tile, with the first block
+          row_values<decltype(R)::value>(acc + (r0 + r) * DP, DP, D, vb, n, s + (r0 + r) * TS + b * SP, TS,
+                                         b == 0 ? corr + r0 + r : ones);
+        });
+      }
     }
   }
   for (int h = 0; h < x.nh; ++h)

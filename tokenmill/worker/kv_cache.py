@@ -25,7 +25,9 @@ def allocate_kv_caches(hf_config, num_blocks: int, block_size: int, dtype: torch
     if num_blocks == 0:
         return [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
     nbytes = layers * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, nbytes)
+    # Private, not mmap's default shared mapping: transparent huge pages apply to private anonymous
+    # memory under THP's usual "madvise" setting, to shared memory only where shmem_enabled allows.
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)  # decode attention reads the whole context: fewer TLB misses
     with warnings.catch_warnings():  # "non-writable buffer": an anonymous map is writable
