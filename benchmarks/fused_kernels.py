@@ -1,6 +1,7 @@
-"""Micro-benchmark: each fused kernel of tokenmill's CPU extension at decode-step shapes, bf16 and fp32.
+"""Micro-benchmark (not named kernels.py: transformers probes for a `kernels` package, and vLLM's runner
+imports transformers with this folder on sys.path): each fused kernel of tokenmill's CPU extension at decode-step shapes, bf16 and fp32.
 
-    python benchmarks/kernels.py [--rows 64,128] [--threads N] [--seconds S]
+    python benchmarks/fused_kernels.py [--rows 64,128] [--threads N] [--seconds S]
 
 SmolLM2-135M's shapes: hidden 576, intermediate 1536 (gate_up 3072 wide), 9 + 3 rotated heads of
 64, vocabulary 49,152 (argmax). Per call, best of several rounds, and the bytes it moves per second
