@@ -16,6 +16,7 @@ PyTorch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -45,8 +46,10 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
+@functools.cache
 def cpu_flags() -> str:
-    """The CPU's feature flags line (/proc/cpuinfo), for the build hash and the feature checks."""
+    """The CPU's feature flags line (/proc/cpuinfo), for the build hash and the feature checks (read
+    once: the attention backend asks on every layer)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
