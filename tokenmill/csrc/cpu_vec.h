@@ -84,6 +84,16 @@ inline void store_partial(T* p, vfloat v, int64_t n) {
   std::memcpy(p, tmp, n * sizeof(T));
 }
 
+// The first n <= kLanes elements of p: a whole vector when n == kLanes, else through load_partial.
+template <typename T>
+inline vfloat ld(const T* p, int64_t n) { return n == kLanes ? load(p) : load_partial(p, n); }
+
+template <typename T>
+inline void st(T* p, vfloat v, int64_t n) {
+  if (n == kLanes) store(p, v);
+  else store_partial(p, v, n);
+}
+
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 inline vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 

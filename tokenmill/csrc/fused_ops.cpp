@@ -56,15 +56,6 @@ inline void for_vectors(int64_t n, Body&& body) {
   if (i < n) body(i, n - i);
 }
 
-template <typename T>
-inline vfloat ld(const T* p, int64_t w) { return w == kLanes ? load(p) : load_partial(p, w); }
-
-template <typename T>
-inline void st(T* p, vfloat v, int64_t w) {
-  if (w == kLanes) store(p, v);
-  else store_partial(p, v, w);
-}
-
 // sum of squares of one row, in float32 (two vector accumulators, then across the lanes)
 template <typename T>
 inline float sum_squares(const T* x, int64_t n) {

@@ -148,16 +148,6 @@ inline int64_t block_of(const Problem<T, I>& p, const Item& x, int kb) {
   return static_cast<int64_t>(p.tables[x.req * p.table_st + kb]);
 }
 
-// The first n elements of p (n <= kLanes; a whole vector when n == kLanes).
-template <typename T>
-inline vfloat ld(const T* p, int n) { return n == kLanes ? load(p) : load_partial(p, n); }
-
-template <typename T>
-inline void st(T* p, vfloat v, int n) {
-  if (n == kLanes) store(p, v);
-  else store_partial(p, v, n);
-}
-
 // Prefetch bytes [p, p + n) into the cache, one line at a time.
 inline void prefetch(const void* p, int64_t n) {
   const char* c = static_cast<const char*>(p);
