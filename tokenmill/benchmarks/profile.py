@@ -192,8 +192,7 @@ def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
     engine.abort_request(ids)
 
     sec = {k: v / steps for k, v in times.seconds.items()}
-    parts = {name: sec.get(name, 0.0) for name in PART_ORDER if name in sec or name in ("rest of the forward",
-                                                                                      "inputs and engine")}
+    parts = {name: sec[name] for name in PART_ORDER if name in sec}
     inside_forward = sum(sec.get(p, 0.0) for p in ("paged attention", "projections", "LM head", "embedding",
                                                    *set(KERNEL_PARTS.values())))
     parts["rest of the forward"] = max(0.0, sec.get("forward", 0.0) - inside_forward)

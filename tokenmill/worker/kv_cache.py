@@ -7,8 +7,8 @@ import warnings
 
 import torch
 
-from tokenmill.models.layers.attention import kv_cache_shape
 from tokenmill.config import head_dim
+from tokenmill.models.layers.attention import kv_cache_shape
 
 
 def kv_bytes_per_block(hf_config, block_size: int, dtype: torch.dtype) -> int:

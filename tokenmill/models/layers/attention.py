@@ -165,7 +165,7 @@ LAZY_BACKENDS: dict[str, tuple[str, str]] = {"cpu": ("tokenmill.models.layers.cp
 
 
 def get_attention_backend(name: str, **options) -> AttentionBackend:
-    """The backend `name`; options go to backends that take them (the cpu backend's `prefill`)."""
+    """The backend `name`, constructed with `options` (the cpu backend takes `prefill`)."""
     if name not in BACKENDS and name in LAZY_BACKENDS:
         import importlib
 
@@ -176,4 +176,4 @@ def get_attention_backend(name: str, **options) -> AttentionBackend:
     except KeyError:
         raise ValueError(f"attention_backend must be one of {sorted(BACKENDS.keys() | LAZY_BACKENDS.keys())}, "
                          f"got {name!r}") from None
-    return cls(**options) if name == "cpu" else cls()
+    return cls(**options)

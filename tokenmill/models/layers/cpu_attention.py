@@ -58,6 +58,8 @@ class CpuPagedAttention(AttentionBackend):
             raise ValueError(f"prefill_attention must be one of {list(PREFILL_MODES)}, got {prefill!r}")
         self._ops = load_extension()
         self.prefill = prefill
+        # Whether any dtype goes to SDPA (else prepare() collects no chunks for it).
+        self._may_use_sdpa = prefill == "sdpa" or (prefill == "auto" and cpu_has_amx())
 
     def uses_sdpa(self, dtype: torch.dtype) -> bool:
         if self.prefill == "auto":
@@ -67,7 +69,8 @@ class CpuPagedAttention(AttentionBackend):
     def prepare(self, inputs: AttentionInputs) -> CpuAttentionMetadata:
         qsl, bs = inputs.query_start_loc, inputs.block_size
         chunks = [_Chunk(qsl[i], qsl[i + 1], n, inputs.block_tables[i, : -(-n // bs)].to(torch.int64))
-                  for i, n in enumerate(inputs.seq_lens) if qsl[i + 1] - qsl[i] >= SDPA_MIN_CHUNK]
+                  for i, n in enumerate(inputs.seq_lens) if qsl[i + 1] - qsl[i] >= SDPA_MIN_CHUNK
+                  ] if self._may_use_sdpa else []
         return CpuAttentionMetadata(
             slot_mapping=inputs.slot_mapping.to(torch.int64).contiguous(),
             block_tables=inputs.block_tables.contiguous(),
