@@ -7,7 +7,9 @@ attention of one step (writing the step's new K/V into the cache, then attending
 over several layer caches, as in the model, so the cache is not warm from the previous call. The
 per-step prepare() (shared by all layers) is timed separately. Cases: decode batches of 8/32/64
 requests with contexts of 100-500 tokens, a prefill of 4 chunks of 256 tokens, and a mixed step
-(decodes plus a fresh and a continuing prompt chunk), as the scheduler builds them.
+(decodes plus a fresh and a continuing prompt chunk), as the scheduler builds them, and decode
+batches whose requests share a cached 512-token prompt prefix (the same first blocks), with the
+cpu backend's shared-prefix pass on and off.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from tokenmill.models.layers.cpu_attention import CpuPagedAttention
 H, KVH, D, BLOCK = 9, 3, 64, 16
 
 
-def make_step(specs, dtype, num_layers, seed=0):
-    """specs: (cached tokens, new tokens) per request -> q, k, v, per-layer caches, inputs."""
+def make_step(specs, dtype, num_layers, seed=0, shared_prefix=0):
+    """specs: (cached tokens, new tokens) per request -> q, k, v, per-layer caches, inputs. Every
+    request's first shared_prefix // BLOCK blocks are the first request's (a cached prompt prefix)."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     need = [-(-(ctx + n) // BLOCK) for ctx, n in specs]
@@ -39,6 +42,7 @@ def make_step(specs, dtype, num_layers, seed=0):
         slots += [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(ctx, ctx + n)]
         qsl.append(qsl[-1] + n)
         seq_lens.append(ctx + n)
+    tables[:, : shared_prefix // BLOCK] = tables[0, : shared_prefix // BLOCK].clone()
     t = qsl[-1]
     caches = [torch.randn(kv_cache_shape(num_blocks, BLOCK, KVH, D), generator=g).to(dtype) for _ in range(num_layers)]
     q = torch.randn(t, H, D, generator=g).to(dtype)
@@ -71,8 +75,8 @@ def timeit(fns, seconds: float, rounds: int = 9) -> list[float]:
     return best
 
 
-def bench(name, specs, dtype, seconds, num_layers, backends):
-    q, k, v, caches, inputs = make_step(specs, dtype, num_layers)
+def bench(name, specs, dtype, seconds, num_layers, backends, shared_prefix=0):
+    q, k, v, caches, inputs = make_step(specs, dtype, num_layers, shared_prefix=shared_prefix)
     calls, preps = [], []
     for backend in backends:
         md = backend.prepare(inputs)
@@ -125,6 +129,11 @@ def main() -> None:
           f" | {'prep-tch':>8} {'prep-cpu':>8}")
     for name, specs in cases:
         bench(name, specs, dtype, args.seconds, args.layers, backends)
+    print(f"{'shared 512-token prefix':<28} {'':>6} {'':>7} | {'no pass':>9} {'pass':>9}")
+    pair = [CpuPagedAttention(cascade=False), CpuPagedAttention(cascade=True)]
+    for n in (16, 64, 128):
+        specs = [(512 + rng.randrange(16, 200), 1) for _ in range(n)]
+        bench(f"decode x{n}, shared 512", specs, dtype, args.seconds, args.layers, pair, shared_prefix=512)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_prompt_chunks_by_sdpa(ext, dtype, block_size):
     chunk_rows = {(c.t0, c.t1) for c in md.chunks}
     qsl = inputs.query_start_loc
     assert chunk_rows == {(qsl[i], qsl[i + 1]) for i in range(len(specs)) if qsl[i + 1] - qsl[i] >= 16}
-    assert all(int(qsl[r + 1] - qsl[r]) < 16 for r in backend.plan(md, 3, 3, sdpa=True)[:, 0].tolist())
+    assert all(int(qsl[r + 1] - qsl[r]) < 16 for r in backend.plan(md, 3, 3, sdpa=True)[0][:, 0].tolist())
     assert backend.uses_sdpa(torch.float32) and not CpuPagedAttention("kernel").uses_sdpa(torch.bfloat16)
     with pytest.raises(ValueError, match="prefill_attention must be one of"):
         CpuPagedAttention("flash")
@@ -115,12 +115,14 @@ def test_decode_heavy_batch(ext, n_decode, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     backend = CpuPagedAttention()
-    plan = backend.plan(backend.prepare(inputs), 3, 3)
+    plan, prefix_plan = backend.plan(backend.prepare(inputs), 3, 3)
+    assert prefix_plan.shape == (0, 5)  # no request shares blocks with another
     assert int(plan[:, 4].max()) == (3 if n_decode >= 8 else 1)
     # The items cover every (token, KV head) exactly once.
     covered = torch.zeros(q.shape[0], 3, dtype=torch.int64)
     qsl = inputs.query_start_loc
-    for req, j0, qn, h0, nh in plan.tolist():
+    for req, j0, qn, h0, nh, k0 in plan.tolist():
+        assert k0 == 0
         covered[qsl[req] + j0: qsl[req] + j0 + qn, h0: h0 + nh] += 1
     assert bool((covered == 1).all())
 
@@ -173,9 +175,9 @@ def test_scalar_reference_path(ext):
         md = backend.prepare(inputs)
         plan = backend.plan(md, 3, 3)
         simd = ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
-                           md.seq_lens, plan, 20 ** -0.5, simd=True)
+                           md.seq_lens, *plan, 20 ** -0.5, simd=True)
         scalar = ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
-                             md.seq_lens, plan, 20 ** -0.5, simd=False)
+                             md.seq_lens, *plan, 20 ** -0.5, simd=False)
         torch.testing.assert_close(scalar.float(), simd.float(), atol=tol, rtol=tol)
 
 
@@ -215,6 +217,119 @@ def test_bad_inputs_are_rejected(ext):
         backend.forward(q, k, v, cache, md, 0.125)
 
 
+def make_shared_batch(specs, groups, prefix_blocks, num_heads, num_kv_heads, head_dim, block_size, dtype, seed):
+    """make_batch, where the requests with the same group id (None: no group) hold the same first
+    prefix_blocks[group] physical blocks, as the prefix cache shares a cached prompt prefix."""
+    q, k, v, cache, inputs = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    tables = inputs.block_tables
+    first = {}
+    for i, gid in enumerate(groups):
+        if gid is None:
+            continue
+        n = prefix_blocks[gid]
+        assert specs[i][0] >= n * block_size, "a request shares only blocks before its queries"
+        first.setdefault(gid, tables[i, :n].clone())
+        tables[i, :n] = first[gid]  # its own first blocks are left unused
+    return q, k, v, cache, inputs
+
+
+def run_shared(specs, groups, prefix_blocks, heads, block_size, dtype, seed=0, cascade=True):
+    q, k, v, cache, inputs = make_shared_batch(specs, groups, prefix_blocks, *heads, 64, block_size, dtype, seed)
+    torch_backend, backend = TorchPagedAttention(), CpuPagedAttention("kernel", cascade=cascade)
+    md = backend.prepare(inputs)
+    with torch.inference_mode():
+        ref = torch_backend.forward(q, k, v, cache.clone(), torch_backend.prepare(inputs), 64 ** -0.5)
+        out = backend.forward(q, k, v, cache.clone(), md, 64 ** -0.5)
+    kvh = heads[1]
+    return out, ref, backend.plan(md, kvh, heads[0] // kvh), inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"H{h[0]}-KVH{h[1]}")
+def test_shared_prefix_pass(ext, heads, block_size, dtype):
+    """Decodes and chunks of requests that share their first blocks: the prefix is attended once
+    for the whole group (the prefix plan), each request's items continue from its state, and the
+    result is the torch backend's. Two groups, a request between them that shares nothing, and a
+    group member that shares a shorter prefix than the rest."""
+    rng = random.Random(block_size + heads[0])
+    p0, p1 = 96 // block_size, 70 // block_size  # prefix blocks of groups 0 and 1
+    specs, groups = [], []
+    for _ in range(9):  # group 0: decodes, one chunk continuing after the prefix
+        specs.append((rng.randrange(p0 * block_size, p0 * block_size + 150), 1))
+        groups.append(0)
+    specs.insert(4, (p0 * block_size + 3, 30))
+    groups.insert(4, 0)
+    specs.append((200, 1))  # shares nothing
+    groups.append(None)
+    for _ in range(8):  # group 1: short chunks (16 query rows even without GQA)
+        specs.append((rng.randrange(p1 * block_size, 300), 2))
+        groups.append(1)
+    out, ref, (items, prefix), inputs = run_shared(specs, groups, [p0, p1], heads, block_size, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # The prefix plan covers every token of both groups on every KV head once, with its group's keys.
+    qsl, kvh = inputs.query_start_loc, heads[1]
+    covered = torch.zeros(qsl[-1], kvh, dtype=torch.int64)
+    keys = torch.zeros(qsl[-1], dtype=torch.int64)
+    for req, t0, n, h, k0 in prefix.tolist():
+        covered[t0:t0 + n, h] += 1
+        keys[t0:t0 + n] = k0
+    expect_keys = torch.zeros(qsl[-1], dtype=torch.int64)
+    for i, gid in enumerate(groups):
+        if gid is not None:
+            expect_keys[qsl[i]:qsl[i + 1]] = [p0, p1][gid] * block_size
+    assert torch.equal(covered, (expect_keys > 0).long()[:, None].expand(-1, kvh))
+    assert torch.equal(keys, expect_keys)
+    for req, j0, qn, h0, nh, k0 in items.tolist():  # each request's items start after its prefix
+        assert k0 == int(expect_keys[qsl[req]])
+    # Without the shared pass: no prefix plan, the same attention.
+    plain, _, (items, prefix), _ = run_shared(specs, groups, [p0, p1], heads, block_size, dtype, cascade=False)
+    assert prefix.shape[0] == 0 and int(items[:, 5].max()) == 0
+    torch.testing.assert_close(plain.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_shared_prefix_grouping(ext):
+    """Which requests share a pass: a member that shares only a short prefix ends the group (the
+    group would save fewer blocks with it); groups too small to be worth a pass, prefixes shorter
+    than the minimum and chunks left to SDPA get none; the scalar reference ignores the pass."""
+    bs = 16
+    specs = [(200, 1)] * 8 + [(200, 1)] + [(200, 1)] * 8
+    groups = [0] * 8 + [1] + [0] * 8
+    q, k, v, cache, inputs = make_shared_batch(specs, groups, [10, 4], 9, 3, 64, bs, torch.float32, seed=3)
+    inputs.block_tables[8, :4] = inputs.block_tables[0, :4]  # request 8 shares 4 of group 0's 10 blocks
+    backend = CpuPagedAttention("kernel")
+    md = backend.prepare(inputs)
+    items, prefix = backend.plan(md, 3, 3)
+    firsts = {i: k0 for i, _, _, _, _, k0 in items.tolist()}
+    assert [firsts[i] for i in range(17)] == [160] * 8 + [0] + [160] * 8  # two groups of 8, request 8 alone
+    assert sorted({(t0, k0) for _, t0, _, _, k0 in prefix.tolist()}) == [(0, 160), (9, 160)]
+    with torch.inference_mode():
+        ref = TorchPagedAttention().forward(q, k, v, cache.clone(), TorchPagedAttention().prepare(inputs), 0.125)
+        out = backend.forward(q, k, v, cache.clone(), md, 0.125)
+        scalar = ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
+                             md.seq_lens, items, prefix, 0.125, simd=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scalar, ref, atol=1e-5, rtol=1e-5)
+    # Items that continue a pass the prefix plan does not run are refused, not read from garbage.
+    for bad in (prefix[:0], prefix[1:]):
+        with pytest.raises(RuntimeError, match="prefix_plan does not cover its rows"):
+            ext.forward(q, k, v, cache.clone(), md.slot_mapping, md.block_tables, md.query_start_loc,
+                        md.seq_lens, items, bad.contiguous(), 0.125)
+    # 5 decodes x group 3 = 15 query rows: not worth a pass; 6 are.
+    for n, expect in ((5, 0), (6, 3)):
+        _, _, _, _, small = make_shared_batch([(100, 1)] * n, [0] * n, [6], 9, 3, 64, bs, torch.float32, seed=4)
+        assert backend.plan(backend.prepare(small), 3, 3)[1].shape[0] == expect
+    # A 48-token prefix is shorter than the minimum (SHARED_PREFIX_MIN_TOKENS = 64).
+    _, _, _, _, short = make_shared_batch([(100, 1)] * 8, [0] * 8, [3], 9, 3, 64, bs, torch.float32, seed=5)
+    assert backend.plan(backend.prepare(short), 3, 3)[1].shape[0] == 0
+    # Chunks that SDPA takes are not the kernel's rows: they join no group.
+    _, _, _, _, chunks = make_shared_batch([(100, 20)] * 4, [0] * 4, [6], 9, 3, 64, bs, torch.float32, seed=6)
+    sdpa = CpuPagedAttention("sdpa")
+    md = sdpa.prepare(chunks)
+    assert sdpa.plan(md, 3, 3, sdpa=True)[1].shape[0] == 0 and sdpa.plan(md, 3, 3)[1].shape[0] > 0
+
+
 def test_registered_backend(ext):
     assert cpu_ops_available()
     assert isinstance(get_attention_backend("cpu"), CpuPagedAttention)
@@ -246,6 +361,37 @@ def test_engine_matches_hf(ext, tiny_llama_dir, monkeypatch, budget, prefill):
     expected = [hf_greedy(tiny_llama_dir, p, k) for p, k in zip(prompts, max_tokens)]
     for i, (out, exp) in enumerate(zip(outputs, expected)):
         assert out.outputs[0].token_ids == exp, f"prompt {i} ({lens[i]} tokens) differs from transformers"
+    assert llm.llm_engine.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "no-cascade"])
+def test_engine_shared_prefix_matches_hf(ext, tiny_llama_dir, monkeypatch, cascade):
+    """Requests that share a cached 80-token system prompt decode together: with the shared-prefix
+    pass their steps attend the prefix once for the group, and the tokens are still transformers'."""
+    import tokenmill.engine.llm_engine as llm_engine
+    from tokenmill import LLM, SamplingParams
+
+    shared = []
+    original_plan = CpuPagedAttention.plan
+
+    def recording_plan(self, metadata, *args, **kwargs):
+        items, prefix = original_plan(self, metadata, *args, **kwargs)
+        shared.append(prefix.shape[0] > 0)
+        return items, prefix
+
+    monkeypatch.setattr(CpuPagedAttention, "plan", recording_plan)
+    monkeypatch.setattr(llm_engine, "get_attention_backend", lambda name, **options: CpuPagedAttention(**options))
+    rng = random.Random(7)
+    system = [rng.randrange(100, 49000) for _ in range(80)]
+    prompts = [system + [rng.randrange(100, 49000) for _ in range(rng.randrange(3, 40))] for _ in range(10)]
+    llm = LLM(str(tiny_llama_dir), dtype="float32", max_model_len=256, cascade_attention=cascade)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)  # caches the system prompt
+    shared.clear()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params, use_tqdm=False)
+    assert any(shared) == cascade
+    for i, out in enumerate(outputs):
+        assert out.outputs[0].token_ids == hf_greedy(tiny_llama_dir, prompts[i + 1], 12), f"prompt {i + 1} differs"
     assert llm.llm_engine.num_used_blocks == 0
 
 

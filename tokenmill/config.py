@@ -70,6 +70,10 @@ class EngineConfig:
     prefill_attention: str = _knob(
         "auto", "cpu backend, prompt chunks: the C++ kernel, torch's SDPA (flash attention), or sdpa for "
                 "bfloat16 on AMX CPUs (auto)", choices=("auto", "kernel", "sdpa"))
+    cascade_attention: bool = _knob(
+        True, "cpu backend: attend each request's keys itself even where a group of requests shares a "
+              "prompt prefix (by default the shared blocks are attended once for the group)",
+        flag="--no-cascade-attention")
     # Scheduling and memory
     enable_prefix_caching: bool = _knob(True, "do not reuse the KV blocks of cached prompt prefixes",
                                         flag="--no-prefix-caching")

@@ -4,11 +4,12 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace tokenmill;
   m.doc() = "tokenmill's CPU kernels: paged attention and the decoder layer's fused elementwise steps";
-  m.def("plan", &plan, "work items of one attention step", py::arg("query_start_loc"), py::arg("seq_lens"),
-        py::arg("num_kv_heads"), py::arg("group"));
+  m.def("plan", &plan, "work items of one attention step: (items, shared-prefix items)",
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("block_tables"), py::arg("num_kv_heads"),
+        py::arg("group"), py::arg("block_size"), py::arg("min_shared_tokens") = 0, py::arg("sdpa_min_chunk") = 0);
   m.def("forward", &forward, "write k/v into the paged cache, then attend", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("scale"),
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("prefix_plan"), py::arg("scale"),
         py::arg("simd") = true);
   m.def("vector_lanes", &vector_lanes, "float32 lanes of the vector type the kernels were compiled with");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 statistics)", py::arg("x"), py::arg("weight"),

@@ -4,17 +4,19 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 
 namespace tokenmill {
 
 // paged_attention.cpp
-torch::Tensor plan(const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, int64_t num_kv_heads,
-                   int64_t group);
+std::tuple<torch::Tensor, torch::Tensor> plan(const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
+                                              const torch::Tensor& block_tables, int64_t num_kv_heads, int64_t group,
+                                              int64_t block_size, int64_t min_shared_tokens, int64_t sdpa_min_chunk);
 torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>& k,
                       const std::optional<torch::Tensor>& v, torch::Tensor kv_cache,
                       const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
-                      const torch::Tensor& work_plan, double scale, bool simd);
+                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale, bool simd);
 int64_t vector_lanes();
 
 // fused_ops.cpp

@@ -17,8 +17,10 @@
 // keys, sum_d q[d] * K^T[d][keys], one broadcast-FMA per dimension with no horizontal sum, and
 // the values a vector over dimensions, sum_key p[key] * V[key][dims]. Both passes read every K/V
 // byte of the block once for all the query heads of a KV head, contiguously (a block's K for one
-// head is D * BS elements in a row, its V the same), and the next block is prefetched while this
-// one is computed: decode attention runs at memory speed.
+// head is D * BS elements in a row, its V the same). The row path prefetches a few (block, KV
+// head) units ahead of the one it computes, each unit's lines spread over the previous unit's
+// score loop: one burst of a whole block's lines would stall on the core's few miss buffers, a
+// line every few FMAs keeps memory busy under the compute.
 //
 // Work split. plan() cuts the batch into work items (request, first query, query count, first KV
 // head, KV heads). A decode token or a short chunk (at most kRowPathMax query rows per KV head) is
@@ -45,6 +47,14 @@
 //     horizontal reductions; the causal mask, a vector compare of positions, only on blocks that
 //     cross the diagonal); the value pass O^T[d][row] += V[key][d] P^T[key][row] uses the same
 //     register block. Keys past a row's position are never computed beyond the diagonal block.
+// Shared prefixes (cascade attention). When consecutive requests hold the same first blocks (a
+// prefix-cache hit: one system prompt, many users) and all their queries sit after those blocks,
+// plan() also returns a prefix plan: items that attend the shared blocks once for the queries of
+// the whole group, stacked as the rows of one tile-path item per KV head (no mask: every shared
+// key precedes every query), leaving unnormalised (m, l, acc) per row in a float32 state buffer.
+// Each request's own items then start at the first key after the prefix and continue from that
+// state. The shared blocks are thus read once per group, not once per request, and at GEMM
+// (tile-path) rather than GEMV (row-path) arithmetic intensity.
 // Both are written on cpu_vec.h's vector type, so they are AVX-512 code on an AVX-512 machine
 // and AVX2 code on an AVX2 one. A plain scalar reference implementation (same online softmax, one
 // row and one key at a time) is exposed to the tests through simd=False.
@@ -58,12 +68,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -78,6 +90,10 @@ constexpr int kRowPathMax = 8;   // items with at most this many query rows per 
 constexpr int kTileKeys = 64;    // row path: keys per online-softmax step (whole blocks, at least one)
 constexpr int kMaxTileBlocks = kTileKeys;
 constexpr int kTileRows = 48;    // target query rows (tokens x group) of a tile-path item
+constexpr int kPrefixTileRows = 96;  // target query rows of a shared-prefix item
+constexpr int kPrefixMinRows = 16;   // a shared prefix is attended once for at least this many query rows
+constexpr int kPlanCols = 6, kPrefixCols = 5;  // columns of the two plans (see plan())
+constexpr int kPrefetchUnits = 3;  // row path: (block, KV head) units the prefetch runs ahead
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -101,6 +117,11 @@ struct Problem {
   const int32_t* seq_lens;
   T* out;
   int64_t o_st, o_sh;
+  // Shared-prefix state (float32, per flat token t and query head hq at t * H + hq): the running
+  // max, sum and unnormalised output of the prefix pass, which the request's own items continue.
+  float* state_m;
+  float* state_l;
+  float* state_acc;  // [T * H][D]
   int num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
 
@@ -108,13 +129,16 @@ struct Problem {
   const T* values(int64_t block, int h) const { return v_cache + block * blk_st + h * head_st; }  // [BS][D]
 };
 
-// One item's geometry: query tokens j0 .. j0 + qn of request req, KV heads h0 .. h0 + nh. Row m
-// (per head) = j * group + g is query token j (flat row t0 + j, position pos0 + j) and query head
-// h * group + g.
+// One item's geometry: query tokens j0 .. j0 + qn of request req, KV heads h0 .. h0 + nh, keys
+// from block kb0 on. Row m (per head) = j * group + g is query token j (flat row t0 + j, position
+// pos0 + j) and query head h * group + g. state_in: the rows continue the shared-prefix pass's
+// state (kb0 > 0); state_out: the item is that pass, and leaves its state unnormalised.
 struct Item {
-  int req, t0, pos0, qn, h0, nh, rows, key_end;
+  int req, t0, pos0, qn, h0, nh, rows, key_end, kb0;
+  bool state_in, state_out;
 };
 
+// An item of the plan: (request, first query, query count, first KV head, KV heads, first key).
 template <typename T, typename I>
 inline Item make_item(const Problem<T, I>& p, const int32_t* it) {
   Item x;
@@ -127,8 +151,37 @@ inline Item make_item(const Problem<T, I>& p, const int32_t* it) {
   x.t0 = p.qsl[x.req] + j0;
   x.pos0 = p.seq_lens[x.req] - q_len + j0;
   x.rows = x.qn * p.group;
-  x.key_end = x.pos0 + x.qn;  // keys [0, key_end)
+  x.key_end = x.pos0 + x.qn;  // keys [kb0 * BS, key_end)
+  x.kb0 = it[5] / p.block_size;
+  x.state_in = it[5] > 0;
+  x.state_out = false;
   return x;
+}
+
+// An item of the shared-prefix plan: (a request of the group, first flat token, token count, KV
+// head, prefix keys). Its tokens, of consecutive requests that all hold the same first blocks and
+// sit after them, attend to those keys with no mask (every key precedes every query).
+template <typename T, typename I>
+inline Item make_prefix_item(const Problem<T, I>& p, const int32_t* it) {
+  Item x;
+  x.req = it[0];
+  x.t0 = it[1];
+  x.qn = it[2];
+  x.h0 = it[3];
+  x.nh = 1;
+  x.pos0 = it[4];  // (the rows' real positions lie further on; only pos >= key_end matters)
+  x.rows = x.qn * p.group;
+  x.key_end = it[4];
+  x.kb0 = 0;
+  x.state_in = false;
+  x.state_out = true;
+  return x;
+}
+
+// The state slot of row m of KV head h (item rows numbered as in Item).
+template <typename T, typename I>
+inline int64_t state_index(const Problem<T, I>& p, const Item& x, int h, int m) {
+  return static_cast<int64_t>(x.t0 + m / p.group) * p.num_heads + h * p.group + m % p.group;
 }
 
 template <typename T, typename I>
@@ -153,6 +206,31 @@ inline void prefetch(const void* p, int64_t n) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
+
+// Prefetches n bytes at k and at v spread over `steps` calls of step(), a few lines a call: a burst
+// of hundreds of prefetches would stall on the core's few miss buffers, while one every few
+// vector FMAs keeps memory busy under the compute. finish() issues whatever is left.
+struct SpreadPrefetch {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t n = 0, i = 0, per = 0;
+  SpreadPrefetch() = default;
+  SpreadPrefetch(const void* k_, const void* v_, int64_t n_, int64_t steps)
+      : k(static_cast<const char*>(k_)), v(static_cast<const char*>(v_)), n(n_),
+        per(64 * std::max<int64_t>(1, (n_ / 64 + steps - 1) / std::max<int64_t>(steps, 1))) {}
+  inline void step() {
+    for (const int64_t end = std::min(n, i + per); i < end; i += 64) {
+      __builtin_prefetch(k + i, 0, 3);
+      __builtin_prefetch(v + i, 0, 3);
+    }
+  }
+  inline void finish() {
+    for (; i < n; i += 64) {
+      __builtin_prefetch(k + i, 0, 3);
+      __builtin_prefetch(v + i, 0, 3);
+    }
+  }
+};
 
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
@@ -212,7 +290,7 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
 // c < BS, from the block's transposed keys kt [D][BS]. NA accumulators per row, over alternate
 // dimensions, so that the FMA latency does not bound the loop (R * NA independent chains).
 template <int R, bool kFull, typename T>
-inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s_st, float* s) {
+inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s_st, float* s, SpreadPrefetch& pf) {
   constexpr int NA = kLanes >= 16 ? (R <= 2 ? 4 : 2) : (R <= 2 ? 2 : 1);
   for (int c0 = 0; c0 < BS; c0 += kLanes) {
     const int w = kFull ? kLanes : std::min(kLanes, BS - c0);
@@ -224,6 +302,7 @@ inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s
     const T* k = kt + c0;
     int d = 0;
     for (; d + NA <= D; d += NA) {
+      pf.step();
       TM_UNROLL
       for (int a = 0; a < NA; ++a) {
         const vfloat kv = kFull ? load(k + (d + a) * BS) : ld(k + (d + a) * BS, w);
@@ -307,6 +386,23 @@ inline void for_row_groups(int rows, Fn&& fn) {
   }
 }
 
+// The (block, KV head) units of a row-path item in the order it visits them: tile by tile, within
+// a tile head by head, block by block. The prefetch runs a few units ahead of the computation.
+struct UnitCursor {
+  int t0, h, b, tile_blocks, heads, num_blocks;
+  bool valid() const { return t0 < num_blocks; }
+  int block() const { return t0 + b; }
+  void advance() {
+    if (++b == std::min(tile_blocks, num_blocks - t0)) {
+      b = 0;
+      if (++h == heads) {
+        h = 0;
+        t0 += tile_blocks;
+      }
+    }
+  }
+};
+
 template <typename T, typename I>
 void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   const int D = p.head_dim, BS = p.block_size, M = x.rows * x.nh;  // rows of head h0 + i are rows i * x.rows ...
@@ -319,12 +415,15 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   float* l = sc.l.data();
   float* corr = sc.corr.data();
   float* ones = sc.ones.data();
-  const int64_t block_bytes = static_cast<int64_t>(BS) * D * sizeof(T) * x.nh;  // K (or V) of the item's heads
+  const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
-  for (int b = 0; b < std::min(TB, num_blocks); ++b) {  // the first tile, while the queries are packed
-    const int64_t first = block_of(p, x, b);
-    prefetch(p.keys(first, x.h0), block_bytes);
-    prefetch(p.values(first, x.h0), block_bytes);
+  // The prefetch runs kPrefetchUnits (block, head) units ahead: the first ones at once, while the
+  // queries are packed, then one unit spread over each unit's score pass.
+  UnitCursor ahead{x.kb0, 0, 0, TB, x.nh, num_blocks};
+  for (int i = 0; i < kPrefetchUnits && ahead.valid(); ++i, ahead.advance()) {
+    const int64_t first = block_of(p, x, ahead.block());
+    prefetch(p.keys(first, x.h0 + ahead.h), head_bytes);
+    prefetch(p.values(first, x.h0 + ahead.h), head_bytes);
   }
   for (int h = 0; h < x.nh; ++h)
     for (int m = 0; m < x.rows; ++m) {
@@ -332,28 +431,43 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
       float* dst = q + (h * x.rows + m) * DP;
       for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * p.scale;
     }
-  std::fill(mx, mx + M, kNegInf);
-  std::fill(l, l + M, 0.f);
-  std::fill(acc, acc + M * DP, 0.f);
+  if (x.state_in) {
+    for (int h = 0; h < x.nh; ++h)
+      for (int m = 0; m < x.rows; ++m) {
+        const int64_t s_i = state_index(p, x, x.h0 + h, m);
+        const int r = h * x.rows + m;
+        mx[r] = p.state_m[s_i];
+        l[r] = p.state_l[s_i];
+        std::copy(p.state_acc + s_i * D, p.state_acc + (s_i + 1) * D, acc + r * DP);
+      }
+  } else {
+    std::fill(mx, mx + M, kNegInf);
+    std::fill(l, l + M, 0.f);
+    std::fill(acc, acc + M * DP, 0.f);
+  }
   const vfloat lane = lane_index();
   int64_t blk[kMaxTileBlocks];
-  for (int t0 = 0; t0 < num_blocks; t0 += TB) {
+  for (int t0 = x.kb0; t0 < num_blocks; t0 += TB) {
     const int nb = std::min(TB, num_blocks - t0);
     for (int b = 0; b < nb; ++b) blk[b] = block_of(p, x, t0 + b);
     for (int h = 0; h < x.nh; ++h) {
       const int r0 = h * x.rows;
       for (int b = 0; b < nb; ++b) {
-        if (h == 0 && t0 + TB + b < num_blocks) {  // block b of the next tile, while this tile computes
-          const int64_t next = block_of(p, x, t0 + TB + b);
-          prefetch(p.keys(next, x.h0), block_bytes);
-          prefetch(p.values(next, x.h0), block_bytes);
+        // The unit kPrefetchUnits ahead, spread over this block's score pass (BS/lanes x D/2 steps).
+        SpreadPrefetch pf;
+        if (ahead.valid()) {
+          const int64_t next = block_of(p, x, ahead.block());
+          pf = SpreadPrefetch(p.keys(next, x.h0 + ahead.h), p.values(next, x.h0 + ahead.h), head_bytes,
+                              (BS + kLanes - 1) / kLanes * (D / 2));
+          ahead.advance();
         }
         const T* kt = p.keys(blk[b], x.h0 + h);
         for_row_groups(x.rows, [&](auto R, int r) {
           float* out = s + (r0 + r) * TS + b * SP;
-          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out);
-          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out);
+          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out, pf);
+          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out, pf);
         });
+        pf.finish();
       }
       // The softmax step of each row over the tile: key k of block b is visible iff it exists and
       // lies at or before the row's position (valid counts them per block).
@@ -550,8 +664,16 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
     l[m] = 0.f;
   }
   std::fill(ot, ot + D * MP, 0.f);
+  if (x.state_in) {
+    for (int m = 0; m < M; ++m) {
+      const int64_t s_i = state_index(p, x, x.h0, m);
+      mx[m] = p.state_m[s_i];
+      l[m] = p.state_l[s_i];
+      for (int d = 0; d < D; ++d) ot[d * MP + m] = p.state_acc[s_i * D + d];
+    }
+  }
   const int num_blocks = (x.key_end + BS - 1) / BS;
-  for (int kb = 0; kb < num_blocks; ++kb) {
+  for (int kb = x.kb0; kb < num_blocks; ++kb) {
     const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
     const int64_t blk = block_of(p, x, kb);
     widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
@@ -579,13 +701,23 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         store(st + c * MP + r, e);
         sum += e;
       }
-      // mold = -inf on the first block gives corr = 0; mnew is finite there (key 0 is visible).
+      // mold = -inf on the first block gives corr = 0; mnew is finite there (the first key is
+      // visible to every row).
       const vfloat cr = vexp(mold - mnew);
       store(corr + r, cr);
       store(l + r, load(l + r) * cr + sum);
       store(mx + r, mnew);
     }
     tile_values(ot, MP, D, vf, DP, n, st, corr);
+  }
+  if (x.state_out) {
+    for (int m = 0; m < M; ++m) {
+      const int64_t s_i = state_index(p, x, x.h0, m);
+      p.state_m[s_i] = mx[m];
+      p.state_l[s_i] = l[m];
+      for (int d = 0; d < D; ++d) p.state_acc[s_i * D + d] = ot[d * MP + m];
+    }
+    return;
   }
   for (int m = 0; m < M; ++m) {
     T* o = out_row(p, x, x.h0, m);
@@ -596,33 +728,49 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
 
 // ---- driver ------------------------------------------------------------------------------------
 
-template <typename T, typename I>
-void run(const Problem<T, I>& p, const int32_t* plan, int64_t num_items, bool simd) {
-  const int64_t max_rows = [&] {
-    int64_t r = 1;
-    for (int64_t i = 0; i < num_items; ++i) r = std::max<int64_t>(r, plan[i * 5 + 2] * plan[i * 5 + 4]);
-    return r * p.group;
-  }();
-  auto work = [&](Scratch& sc, int64_t i) {
-    Item x = make_item(p, plan + i * 5);
-    if (!simd) run_item_scalar(p, x, sc);
-    else if (x.rows <= kRowPathMax) run_item_rows(p, x, sc);
-    else run_item_tile(p, x, sc);
-  };
-  const int threads = std::min<int64_t>(at::get_num_threads(), num_items);
+// Runs work(scratch, i) for i < n on the torch threads, each taking the next item from a counter.
+template <typename Fn>
+void for_each_item(int64_t n, int64_t max_rows, int64_t head_dim, int64_t block_size, Fn&& work) {
+  const int threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1) {
     Scratch sc;
-    sc.reserve(max_rows, p.head_dim, p.block_size);
-    for (int64_t i = 0; i < num_items; ++i) work(sc, i);
+    sc.reserve(max_rows, head_dim, block_size);
+    for (int64_t i = 0; i < n; ++i) work(sc, i);
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Scratch sc;
-    sc.reserve(max_rows, p.head_dim, p.block_size);
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_items;
-         i = next.fetch_add(1, std::memory_order_relaxed))
+    sc.reserve(max_rows, head_dim, block_size);
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
       work(sc, i);
+  });
+}
+
+// The shared-prefix items first (their state is what the requests' own items continue from), then
+// the plan's items. The scalar reference ignores the prefix plan: it attends every key itself.
+template <typename T, typename I>
+void run(const Problem<T, I>& p, const int32_t* plan, int64_t num_items, const int32_t* prefix_plan,
+         int64_t num_prefix_items, bool simd) {
+  int64_t max_rows = 1;
+  for (int64_t i = 0; i < num_items; ++i) max_rows = std::max<int64_t>(max_rows, plan[i * kPlanCols + 2] * plan[i * kPlanCols + 4]);
+  for (int64_t i = 0; i < num_prefix_items; ++i) max_rows = std::max<int64_t>(max_rows, prefix_plan[i * kPrefixCols + 2]);
+  max_rows *= p.group;
+  if (simd && num_prefix_items > 0)
+    for_each_item(num_prefix_items, max_rows, p.head_dim, p.block_size, [&](Scratch& sc, int64_t i) {
+      run_item_tile(p, make_prefix_item(p, prefix_plan + i * kPrefixCols), sc);
+    });
+  for_each_item(num_items, max_rows, p.head_dim, p.block_size, [&](Scratch& sc, int64_t i) {
+    Item x = make_item(p, plan + i * kPlanCols);
+    if (!simd) {
+      x.kb0 = 0;
+      x.state_in = false;
+      run_item_scalar(p, x, sc);
+    } else if (x.rows <= kRowPathMax) {
+      run_item_rows(p, x, sc);
+    } else {
+      run_item_tile(p, x, sc);
+    }
   });
 }
 
@@ -660,58 +808,134 @@ void check_int_vector(const torch::Tensor& t, const char* name, int64_t size) {
 
 }  // namespace
 
-// The work items of one step: int32 [num_items, 5] rows (request, first query of the request's
-// chunk, query count, first KV head, KV heads), longest first. Shared by every layer with the same
-// head counts.
-torch::Tensor plan(const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens, int64_t num_kv_heads,
-                   int64_t group) {
-  TORCH_CHECK(num_kv_heads > 0 && group > 0, "num_kv_heads and group must be positive");
+// Consecutive requests that share their first blocks (the same physical ids: a cached prompt
+// prefix) and whose query tokens all lie after them: the prefix is attended once, by one tile
+// pass over all their query rows, instead of once per request. Greedy over the batch order: a
+// group grows while the blocks it saves, (requests - 1) x shared blocks, do not shrink.
+// Returns (first request, end request, shared blocks) per group.
+template <typename I>
+std::vector<std::array<int64_t, 3>> shared_prefix_groups(const int32_t* qsl, const int32_t* sl, int64_t R,
+                                                          const I* tables, int64_t table_st, int64_t block_size,
+                                                          int64_t group, int64_t min_blocks, int64_t sdpa_min_chunk) {
+  std::vector<std::array<int64_t, 3>> groups;
+  auto limit = [&](int64_t i) -> int64_t {  // whole blocks before the request's first query
+    const int64_t q_len = qsl[i + 1] - qsl[i];
+    if (q_len == 0 || (sdpa_min_chunk > 0 && q_len >= sdpa_min_chunk)) return 0;  // no rows of the kernel's
+    return (sl[i] - q_len) / block_size;
+  };
+  auto common = [&](int64_t a, int64_t b, int64_t cap) {  // leading blocks a and b share, at most cap
+    cap = std::min({cap, limit(a), limit(b)});
+    int64_t n = 0;
+    while (n < cap && tables[a * table_st + n] == tables[b * table_st + n]) ++n;
+    return n;
+  };
+  for (int64_t i = 0; i < R;) {
+    int64_t shared = limit(i), j = i + 1;
+    // A request that shares less with the next one than the next shares with its own next starts
+    // no group: it would cut the longer prefix of the requests after it.
+    if (j + 1 < R && common(i, j, shared) < common(j, j + 1, limit(j))) shared = 0;
+    for (; j < R && shared >= min_blocks; ++j) {
+      const int64_t b = common(i, j, shared);
+      if (b < min_blocks || (j - i) * b < (j - i - 1) * shared) break;
+      shared = b;
+    }
+    if (j - i >= 2 && shared >= min_blocks && (qsl[j] - qsl[i]) * group >= kPrefixMinRows)
+      groups.push_back({i, j, shared});
+    i = std::max(j, i + 1);
+  }
+  return groups;
+}
+
+// The work items of one step, shared by every layer with the same head counts:
+//   items   int32 [n, 6]: (request, first query of the request's chunk, query count, first KV head,
+//           KV heads, first key), longest first. First key > 0: the rows continue the state the
+//           shared-prefix pass left for keys before it.
+//   prefix  int32 [m, 5]: (a request of the group, first flat token, token count, KV head, prefix
+//           keys): the shared-prefix pass, run before the items.
+// min_shared_tokens: the shortest prefix worth a shared pass (0: none). sdpa_min_chunk > 0: the
+// chunks of at least that many tokens are left out (torch's SDPA attends them).
+std::tuple<torch::Tensor, torch::Tensor> plan(const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
+                                              const torch::Tensor& block_tables, int64_t num_kv_heads, int64_t group,
+                                              int64_t block_size, int64_t min_shared_tokens, int64_t sdpa_min_chunk) {
+  TORCH_CHECK(num_kv_heads > 0 && group > 0 && block_size > 0, "num_kv_heads, group and block_size must be positive");
   const int64_t R = seq_lens.numel();
   check_int_vector(query_start_loc, "query_start_loc", R + 1);
   check_int_vector(seq_lens, "seq_lens", R);
+  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.dim() == 2 && block_tables.size(0) == R &&
+                  block_tables.stride(1) == 1 &&
+                  (block_tables.scalar_type() == torch::kInt32 || block_tables.scalar_type() == torch::kInt64),
+              "block_tables must be a CPU [R, max_blocks] int32/int64 tensor with a contiguous last dim");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < R; ++i) {
+    const int32_t q_len = qsl[i + 1] - qsl[i];
+    TORCH_CHECK(q_len >= 0 && sl[i] >= q_len, "request ", i, ": query length ", q_len,
+                " and seq_len ", sl[i], " are inconsistent");
+    TORCH_CHECK((sl[i] + block_size - 1) / block_size <= block_tables.size(1), "request ", i, ": seq_len ", sl[i],
+                " needs more blocks than block_tables has");
+  }
+  std::vector<std::array<int64_t, 3>> groups;
+  if (min_shared_tokens > 0) {
+    const int64_t min_blocks = (min_shared_tokens + block_size - 1) / block_size;
+    groups = block_tables.scalar_type() == torch::kInt64
+                 ? shared_prefix_groups(qsl, sl, R, block_tables.data_ptr<int64_t>(), block_tables.stride(0),
+                                        block_size, group, min_blocks, sdpa_min_chunk)
+                 : shared_prefix_groups(qsl, sl, R, block_tables.data_ptr<int32_t>(), block_tables.stride(0),
+                                        block_size, group, min_blocks, sdpa_min_chunk);
+  }
+  std::vector<int32_t> first_key(R, 0);
+  std::vector<int32_t> prefix;
+  const int64_t prefix_tokens = std::max<int64_t>(1, kPrefixTileRows / group);
+  for (const auto& [g0, g1, shared] : groups) {
+    const int32_t keys = static_cast<int32_t>(shared * block_size);
+    for (int64_t i = g0; i < g1; ++i) first_key[i] = keys;
+    for (int32_t t = qsl[g0]; t < qsl[g1]; t += prefix_tokens) {
+      const int32_t n = static_cast<int32_t>(std::min<int64_t>(prefix_tokens, qsl[g1] - t));
+      for (int32_t h = 0; h < num_kv_heads; ++h)
+        prefix.insert(prefix.end(), {static_cast<int32_t>(g0), t, n, h, keys});
+    }
+  }
   // A chunk whose rows fit the row path stays whole; a longer one is cut into tiles of about
   // kTileRows rows (at least one token per tile), one item per KV head. A row-path item takes all
   // the KV heads of its tokens when there are enough of them to keep the threads busy: a token's
   // K/V rows for all heads are contiguous in the cache, so this reads whole lines in order (~10%
   // faster on decode batches than one item per head).
   const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / group);
+  auto kernel_rows = [&](int64_t i) {  // whether the kernel attends request i's rows
+    const int32_t q_len = qsl[i + 1] - qsl[i];
+    return q_len > 0 && !(sdpa_min_chunk > 0 && q_len >= sdpa_min_chunk);
+  };
   int64_t n_row_items = 0;
-  for (int64_t i = 0; i < R; ++i) n_row_items += (qsl[i + 1] - qsl[i]) * group <= kRowPathMax;
+  for (int64_t i = 0; i < R; ++i) n_row_items += kernel_rows(i) && (qsl[i + 1] - qsl[i]) * group <= kRowPathMax;
   const int64_t row_heads = n_row_items >= 4 * at::get_num_threads() ? num_kv_heads : 1;
-  struct Row { int32_t req, j0, qn, h0, nh; int64_t cost; };
+  struct Row { int32_t req, j0, qn, h0, nh, k0; int64_t cost; };
   std::vector<Row> rows;
   rows.reserve(R * num_kv_heads);
   for (int64_t i = 0; i < R; ++i) {
+    if (!kernel_rows(i)) continue;
     const int32_t q_len = qsl[i + 1] - qsl[i];
-    TORCH_CHECK(q_len >= 0 && sl[i] >= q_len, "request ", i, ": query length ", q_len,
-                " and seq_len ", sl[i], " are inconsistent");
     const int32_t ctx = sl[i] - q_len;
     const bool row_path = q_len * group <= kRowPathMax;
-    const int64_t step = row_path ? std::max<int32_t>(q_len, 1) : tile_tokens;
+    const int64_t step = row_path ? q_len : tile_tokens;
     const int64_t heads = row_path ? row_heads : 1;
     for (int32_t j0 = 0; j0 < q_len; j0 += step) {
       const int32_t qn = static_cast<int32_t>(std::min<int64_t>(step, q_len - j0));
       for (int64_t h0 = 0; h0 < num_kv_heads; h0 += heads) {
         const int32_t nh = static_cast<int32_t>(std::min(heads, num_kv_heads - h0));
-        rows.push_back({static_cast<int32_t>(i), j0, qn, static_cast<int32_t>(h0), nh,
-                        static_cast<int64_t>(qn) * group * nh * (ctx + j0 + qn)});
+        rows.push_back({static_cast<int32_t>(i), j0, qn, static_cast<int32_t>(h0), nh, first_key[i],
+                        static_cast<int64_t>(qn) * group * nh * (ctx + j0 + qn - first_key[i])});
       }
     }
   }
   std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.cost > b.cost; });
-  auto out = torch::empty({static_cast<int64_t>(rows.size()), 5}, torch::kInt32);
-  int32_t* o = out.data_ptr<int32_t>();
+  auto items = torch::empty({static_cast<int64_t>(rows.size()), kPlanCols}, torch::kInt32);
+  int32_t* o = items.data_ptr<int32_t>();
   for (const Row& r : rows) {
-    o[0] = r.req;
-    o[1] = r.j0;
-    o[2] = r.qn;
-    o[3] = r.h0;
-    o[4] = r.nh;
-    o += 5;
+    for (int32_t v : {r.req, r.j0, r.qn, r.h0, r.nh, r.k0}) *o++ = v;
   }
-  return out;
+  auto prefix_items = torch::empty({static_cast<int64_t>(prefix.size() / kPrefixCols), kPrefixCols}, torch::kInt32);
+  std::copy(prefix.begin(), prefix.end(), prefix_items.data_ptr<int32_t>());
+  return {items, prefix_items};
 }
 
 // Writes k, v (when given) into their cache slots, then attends. Returns [T, H, D].
@@ -719,7 +943,7 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                       const std::optional<torch::Tensor>& v, torch::Tensor kv_cache,
                       const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
-                      const torch::Tensor& work_plan, double scale, bool simd) {
+                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale, bool simd) {
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "tensors must be on the CPU");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [T, H, D] with a contiguous last dim");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
@@ -740,9 +964,10 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                   block_tables.stride(1) == 1 &&
                   (block_tables.scalar_type() == torch::kInt32 || block_tables.scalar_type() == torch::kInt64),
               "block_tables must be a CPU [R, max_blocks] int32/int64 tensor with a contiguous last dim");
-  TORCH_CHECK(work_plan.device().is_cpu() && work_plan.scalar_type() == torch::kInt32 && work_plan.dim() == 2 &&
-                  work_plan.size(1) == 5 && work_plan.is_contiguous(),
-              "work_plan must be the int32 [n, 5] tensor from plan()");
+  for (const torch::Tensor* t : {&work_plan, &prefix_plan})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt32 && t->dim() == 2 &&
+                    t->size(1) == (t == &work_plan ? kPlanCols : kPrefixCols) && t->is_contiguous(),
+                "work_plan and prefix_plan must be the int32 [n, 6] and [m, 5] tensors from plan()");
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   TORCH_CHECK(qsl[0] == 0 && qsl[R] == T_, "query_start_loc must run from 0 to the number of tokens (", T_, ")");
@@ -784,14 +1009,46 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
   const int64_t n_items = work_plan.size(0);
   const int32_t* pl = work_plan.data_ptr<int32_t>();
   for (int64_t i = 0; i < n_items; ++i) {
-    const int32_t* it = pl + 5 * i;
+    const int32_t* it = pl + kPlanCols * i;
     TORCH_CHECK(it[0] >= 0 && it[0] < R && it[1] >= 0 && it[2] > 0 && it[1] + it[2] <= qsl[it[0] + 1] - qsl[it[0]] &&
-                    it[3] >= 0 && it[4] > 0 && it[3] + it[4] <= KVH && (it[4] == 1 || it[2] * group <= kRowPathMax),
-                "work_plan row ", i, " does not fit this batch (was it planned for these heads?)");
+                    it[3] >= 0 && it[4] > 0 && it[3] + it[4] <= KVH && (it[4] == 1 || it[2] * group <= kRowPathMax) &&
+                    it[5] >= 0 && it[5] % BS == 0 && it[5] <= sl[it[0]] - (qsl[it[0] + 1] - qsl[it[0]]),
+                "work_plan row ", i, " does not fit this batch (was it planned for these heads and block size?)");
+  }
+  const int64_t n_prefix = prefix_plan.size(0);
+  const int32_t* pp = prefix_plan.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n_prefix; ++i) {
+    const int32_t* it = pp + kPrefixCols * i;
+    TORCH_CHECK(it[0] >= 0 && it[0] < R && it[1] >= 0 && it[2] > 0 && it[1] + it[2] <= T_ && it[3] >= 0 &&
+                    it[3] < KVH && it[4] > 0 && it[4] % BS == 0 && it[4] <= sl[it[0]],
+                "prefix_plan row ", i, " does not fit this batch (was it planned for these heads and block size?)");
+  }
+  // An item that starts after key 0 continues the shared-prefix pass's state: every one of its
+  // (token, KV head) rows must have been given exactly those prefix keys by the prefix plan.
+  bool continues = false;
+  for (int64_t i = 0; i < n_items; ++i) continues |= pl[kPlanCols * i + 5] > 0;
+  if (simd && continues) {
+    std::vector<int32_t> covered(T_ * KVH, 0);
+    for (int64_t i = 0; i < n_prefix; ++i) {
+      const int32_t* it = pp + kPrefixCols * i;
+      for (int32_t t = it[1]; t < it[1] + it[2]; ++t) covered[t * KVH + it[3]] = it[4];
+    }
+    for (int64_t i = 0; i < n_items; ++i) {
+      const int32_t* it = pl + kPlanCols * i;
+      if (it[5] == 0) continue;
+      const int32_t t0 = qsl[it[0]] + it[1];
+      for (int32_t t = t0; t < t0 + it[2]; ++t)
+        for (int32_t h = it[3]; h < it[3] + it[4]; ++h)
+          TORCH_CHECK(covered[t * KVH + h] == it[5], "work_plan row ", i, " starts at key ", it[5],
+                      " but prefix_plan does not cover its rows with those keys");
+    }
   }
 
   auto out = torch::empty({T_, H, D}, q.options());
   if (T_ == 0 || n_items == 0) return out;
+  // The shared-prefix pass's running max, sum and output per (token, query head), float32.
+  torch::Tensor state;
+  if (n_prefix > 0 && simd) state = torch::empty({T_ * H * (D + 2)}, q.options().dtype(torch::kFloat32));
   auto launch = [&](auto* tag_t, auto* tag_i) {
     using TT = std::remove_pointer_t<decltype(tag_t)>;
     using II = std::remove_pointer_t<decltype(tag_i)>;
@@ -812,13 +1069,16 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     p.out = out.data_ptr<TT>();
     p.o_st = out.stride(0);
     p.o_sh = out.stride(1);
+    p.state_m = state.defined() ? state.data_ptr<float>() : nullptr;
+    p.state_l = state.defined() ? p.state_m + T_ * H : nullptr;
+    p.state_acc = state.defined() ? p.state_l + T_ * H : nullptr;
     p.num_heads = static_cast<int>(H);
     p.num_kv_heads = static_cast<int>(KVH);
     p.group = static_cast<int>(group);
     p.head_dim = static_cast<int>(D);
     p.block_size = static_cast<int>(BS);
     p.scale = static_cast<float>(scale);
-    run(p, pl, n_items, simd);
+    run(p, pl, n_items, pp, n_prefix, simd);
   };
   const bool i64 = block_tables.scalar_type() == torch::kInt64;
   if (dtype == torch::kFloat32) {

@@ -50,7 +50,7 @@ class LLMEngine:
         dtype = config.torch_dtype
         backend_name = _resolve_backend(config.attention_backend)
         backend = get_attention_backend(backend_name, **(
-            {"prefill": config.prefill_attention} if backend_name == "cpu" else {}))
+            {"prefill": config.prefill_attention, "cascade": config.cascade_attention} if backend_name == "cpu" else {}))
         # The fused RMSNorm / SiLU x up / RoPE kernels come with the extension wherever it builds.
         ops = load_extension() if cpu_ops_available() else None
         model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len, ops)

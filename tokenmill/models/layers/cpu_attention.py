@@ -13,6 +13,14 @@ chunks on the matrix units, which the vector kernel cannot use. The kernel still
 new K/V and attends the decode tokens; SDPA fills the chunks' rows. `prefill="auto"` takes SDPA
 for bfloat16 chunks on AMX CPUs and the kernel everywhere else (on AVX-512 and AVX2 CPUs without
 AMX the kernel is the faster of the two for every chunk shape `benchmarks/attention.py` measures).
+
+Shared prefixes (`cascade=True`): where consecutive requests of the step hold the same first blocks
+(a prompt prefix the prefix cache shares) and all their query tokens lie after them, the kernel
+attends those blocks once for all the group's query rows, as one matrix-shaped pass, and each
+request's own items continue that pass's softmax state over the rest of its keys: the
+log-sum-exp merge of cascade attention, done in place, so the result is the same attention (to
+float32 rounding). Decode steps of requests that share a long system prompt read the prefix's K/V
+once per step instead of once per request.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from tokenmill.models.layers.cpu_ops import cpu_has_amx, load_extension
 
 PREFILL_MODES = ("auto", "kernel", "sdpa")
 SDPA_MIN_CHUNK = 16  # shorter chunks stay with the kernel: a few rows are no matrix work
+SHARED_PREFIX_MIN_TOKENS = 64  # shorter shared prefixes are attended per request
 
 
 @dataclass
@@ -44,8 +53,10 @@ class CpuAttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [R + 1]
     seq_lens: torch.Tensor  # int32 [R]
     chunks: list[_Chunk]  # the prompt chunks SDPA may take
-    # Work items per (num_kv_heads, group, chunks left to SDPA): built by the first layer, reused.
-    plans: dict[tuple[int, int, bool], torch.Tensor] = field(default_factory=dict)
+    block_size: int
+    # Work items per (num_kv_heads, group, chunks left to SDPA): (items, shared-prefix items), built
+    # by the first layer, reused.
+    plans: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class CpuPagedAttention(AttentionBackend):
@@ -53,11 +64,12 @@ class CpuPagedAttention(AttentionBackend):
 
     name = "cpu"
 
-    def __init__(self, prefill: str = "auto") -> None:
+    def __init__(self, prefill: str = "auto", cascade: bool = True) -> None:
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill_attention must be one of {list(PREFILL_MODES)}, got {prefill!r}")
         self._ops = load_extension()
         self.prefill = prefill
+        self.cascade = cascade
         # Whether any dtype goes to SDPA (else prepare() collects no chunks for it).
         self._may_use_sdpa = prefill == "sdpa" or (prefill == "auto" and cpu_has_amx())
 
@@ -77,16 +89,19 @@ class CpuPagedAttention(AttentionBackend):
             query_start_loc=torch.tensor(qsl, dtype=torch.int32),
             seq_lens=torch.tensor(inputs.seq_lens, dtype=torch.int32),
             chunks=chunks,
+            block_size=bs,
         )
 
-    def plan(self, metadata: CpuAttentionMetadata, num_kv_heads: int, group: int, sdpa: bool = False) -> torch.Tensor:
+    def plan(self, metadata: CpuAttentionMetadata, num_kv_heads: int, group: int,
+             sdpa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's work items for these head counts: (items, shared-prefix items); with
+        sdpa, the chunks SDPA takes are left out."""
         key = (num_kv_heads, group, sdpa and bool(metadata.chunks))
         plan = metadata.plans.get(key)
         if plan is None:
-            plan = self._ops.plan(metadata.query_start_loc, metadata.seq_lens, num_kv_heads, group)
-            if key[2]:  # leave the chunks' items to SDPA
-                lens = metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]
-                plan = plan[lens[plan[:, 0].long()] < SDPA_MIN_CHUNK].contiguous()
+            plan = self._ops.plan(metadata.query_start_loc, metadata.seq_lens, metadata.block_tables, num_kv_heads,
+                                  group, metadata.block_size, SHARED_PREFIX_MIN_TOKENS if self.cascade else 0,
+                                  SDPA_MIN_CHUNK if key[2] else 0)
             metadata.plans[key] = plan
         return plan
 
@@ -94,9 +109,9 @@ class CpuPagedAttention(AttentionBackend):
         num_kv_heads = kv_cache.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks)
-        plan = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa)
+        items, prefix_items = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa)
         out = self._ops.forward(q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables,
-                                metadata.query_start_loc, metadata.seq_lens, plan, scale)
+                                metadata.query_start_loc, metadata.seq_lens, items, prefix_items, scale)
         if sdpa:
             self._sdpa_chunks(q, kv_cache, metadata.chunks, scale, out)
         return out
