@@ -56,3 +56,22 @@ def test_profile_leaves_no_block_behind(ext, tiny_llama_dir, workload):
     assert engine.num_used_blocks == 0
     with pytest.raises(ValueError, match="fewer than the batch size 7"):
         profile_batch(llm, load_workload(str(workload)), 7, steps=2)
+
+
+def test_profile_counts_shared_blocks_once(ext, tiny_llama_dir, tmp_path, capsys):
+    """Requests behind one cached 48-token prefix: the K/V they attend counts the prefix per
+    request, the distinct K/V once (the step budget of 48 caches the prefix in the first step)."""
+    path = tmp_path / "shared.jsonl"
+    prefix = [200 + i for i in range(48)]
+    path.write_text("".join(json.dumps({"prompt_token_ids": prefix + [1000 + 31 * i + j for j in range(3 + i)],
+                                        "max_tokens": 4}) + "\n" for i in range(4)))
+    out = tmp_path / "profile.json"
+    rc = cli_main(["bench", "profile", "--workload", str(path), "--batch-sizes", "4", "--steps", "2",
+                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
+                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV),
+                   "--max-num-batched-tokens", "48"])
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["results"]
+    per_token = r["kv_bytes_per_step"] / r["context_tokens"]
+    assert r["kv_distinct_bytes_per_step"] == pytest.approx(r["kv_bytes_per_step"] - 3 * 48 * per_token)
+    assert "distinct K/V blocks" in capsys.readouterr().out

@@ -183,6 +183,10 @@ def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
             engine.step()
             plain.append(time.perf_counter() - t0)
         context = [s.start_pos + s.num_tokens for s in seen[-1].scheduled]
+        # Blocks several requests hold (a cached prompt prefix) are in memory once.
+        bs = engine.config.block_size
+        distinct = {(b, min(bs, c - i * bs)) for s, c in zip(seen[-1].scheduled, context)
+                    for i, b in enumerate(s.block_ids[:(c + bs - 1) // bs])}
     finally:
         del engine.scheduler.schedule
     times = StepTimes()
@@ -199,6 +203,7 @@ def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
     parts["inputs and engine"] = max(0.0, sec.get("step", 0.0) - sec.get("forward", 0.0) - sec.get("sampler", 0.0)
                                      - sec.get("scheduler", 0.0))
     kv_bytes = sum(context) * _kv_bytes_per_token(engine)
+    kv_distinct = sum(n for _, n in distinct) * _kv_bytes_per_token(engine)
     attn = sec.get("paged attention", 0.0)
     proj = sec.get("projections", 0.0)
     step_plain = sorted(plain)[len(plain) // 2]
@@ -210,6 +215,8 @@ def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
         "non_gemm_ms": (sec.get("step", 0.0) - gemm) * 1e3,  # both from the instrumented steps
         "attention_gb_s": kv_bytes / attn / 1e9 if attn else None,
         "kv_bytes_per_step": kv_bytes,
+        "kv_distinct_bytes_per_step": kv_distinct,
+        "attention_distinct_gb_s": kv_distinct / attn / 1e9 if attn else None,
         "projection_tflop_s": times.gemm_flops / steps / proj / 1e12 if proj else None,
     }
 
@@ -230,7 +237,12 @@ def format_profile(results: list[dict], bandwidth: dict[str, float] | None, head
             cells.append("-" if ms is None else f"{ms:.2f} ms {ms / r['step_instrumented_ms']:6.1%}")
         row(name, cells)
     row("non-GEMM (instrumented)", [f"{r['non_gemm_ms']:.1f} ms" for r in results])
-    row("attention K/V read", [f"{r['attention_gb_s']:.1f} GB/s" if r["attention_gb_s"] else "-" for r in results])
+    row("attention K/V attended", [f"{r['kv_bytes_per_step'] / 1e6:.0f} MB, {r['attention_gb_s']:.1f} GB/s"
+                                   if r["attention_gb_s"] else "-" for r in results])
+    if any(r["kv_distinct_bytes_per_step"] < r["kv_bytes_per_step"] for r in results):  # shared prefix blocks
+        row("  distinct K/V blocks", [f"{r['kv_distinct_bytes_per_step'] / 1e6:.0f} MB, "
+                                      f"{r['attention_distinct_gb_s']:.1f} GB/s" if r["attention_distinct_gb_s"]
+                                      else "-" for r in results])
     row("projections", [f"{r['projection_tflop_s']:.3f} TFLOP/s" if r["projection_tflop_s"] else "-"
                         for r in results])
     lines.append("(shares are of the instrumented step: "
