@@ -101,3 +101,22 @@ def test_stop_string_not_matched_in_prompt_or_before_check(tokenizer):
     out_ids = tokenizer.encode("abc def ghi")
     d, _, hits = _feed(tokenizer, [], out_ids, stop=["def"], check_stop=False)
     assert all(h is None for h in hits) and d.text == "abc def ghi"
+
+
+def test_backend_decode_is_the_wrappers(tokenizer):
+    """The default tokenizer (fast, no space clean-up) decodes through its Rust backend directly;
+    a tokenizer that cleans up spaces keeps transformers' decode. Both give the wrapper's text."""
+    ids = tokenizer.encode("Hi , you ' re <|im_start|> here . " + TEXT) + [tokenizer.eos_token_id]
+    d = IncrementalDetokenizer(tokenizer, [], True, [])
+    assert d._backend_decode is not None
+    for skip in (True, False):
+        d.skip_special_tokens = skip
+        assert d._decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip)
+    d.skip_special_tokens = True
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        cleaning = IncrementalDetokenizer(tokenizer, [], True, [])
+        assert cleaning._backend_decode is None
+        assert cleaning._decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False

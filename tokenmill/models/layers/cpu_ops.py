@@ -63,6 +63,7 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether the CPU has AMX's bfloat16 tile units (torch's flash-attention and GEMMs use them)."""
     return "amx_bf16" in cpu_flags().split()
