@@ -215,9 +215,12 @@ struct SpreadPrefetch {
   const char* v = nullptr;
   int64_t n = 0, i = 0, per = 0;
   SpreadPrefetch() = default;
-  SpreadPrefetch(const void* k_, const void* v_, int64_t n_, int64_t steps)
-      : k(static_cast<const char*>(k_)), v(static_cast<const char*>(v_)), n(n_),
-        per(64 * std::max<int64_t>(1, (n_ / 64 + steps - 1) / std::max<int64_t>(steps, 1))) {}
+  SpreadPrefetch(const void* k_, const void* v_, int64_t n_, int64_t per_)
+      : k(static_cast<const char*>(k_)), v(static_cast<const char*>(v_)), n(n_), per(per_) {}
+  // The bytes per step() that spread n bytes over `steps` calls: whole lines, at least one.
+  static int64_t bytes_per_step(int64_t n, int64_t steps) {
+    return 64 * std::max<int64_t>(1, (n / 64 + steps - 1) / std::max<int64_t>(steps, 1));
+  }
   inline void step() {
     for (const int64_t end = std::min(n, i + per); i < end; i += 64) {
       __builtin_prefetch(k + i, 0, 3);
@@ -234,7 +237,7 @@ struct SpreadPrefetch {
 
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
-  std::vector<float> a, b, s, m, l, corr, ones, kpack, vpack;
+  std::vector<float> a, b, s, m, l, corr, tsum, ones, kpack, vpack;
   std::vector<int32_t> pos;
   void reserve(int64_t rows, int64_t d, int64_t bs) {
     const int64_t rp = round_up(std::max<int64_t>(rows, 1), kLanes), dp = round_up(d, kLanes);
@@ -247,6 +250,7 @@ struct Scratch {
     if ((int64_t)ones.size() < rp) ones.assign(rp, 1.f);
     grow(l, rp);
     grow(corr, rp);
+    grow(tsum, rp);
     grow(kpack, bp * dp);
     grow(vpack, bp * dp);
     if ((int64_t)pos.size() < rp) pos.resize(rp);
@@ -286,11 +290,12 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
 
 // ---- row path: few query rows (decode tokens, tiny chunks) -----------------------------------
 
-// s[r * s_st + c] = q_r . k_c for R rows (packed float, stride DP, pre-scaled) and the block's keys
-// c < BS, from the block's transposed keys kt [D][BS]. NA accumulators per row, over alternate
-// dimensions, so that the FMA latency does not bound the loop (R * NA independent chains).
+// s[r * s_st + c] = q_r . k_c for R rows (packed float, pre-scaled, dimension-major: q[d * R + r])
+// and the block's keys c < BS, from the block's transposed keys kt [D][BS]. NA accumulators per
+// row, over alternate dimensions, so that the FMA latency does not bound the loop (R * NA
+// independent chains).
 template <int R, bool kFull, typename T>
-inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s_st, float* s, SpreadPrefetch& pf) {
+inline void row_scores(const float* q, int D, const T* kt, int BS, int s_st, float* s, SpreadPrefetch& pf) {
   constexpr int NA = kLanes >= 16 ? (R <= 2 ? 4 : 2) : (R <= 2 ? 2 : 1);
   for (int c0 = 0; c0 < BS; c0 += kLanes) {
     const int w = kFull ? kLanes : std::min(kLanes, BS - c0);
@@ -307,13 +312,13 @@ inline void row_scores(const float* q, int DP, int D, const T* kt, int BS, int s
       for (int a = 0; a < NA; ++a) {
         const vfloat kv = kFull ? load(k + (d + a) * BS) : ld(k + (d + a) * BS, w);
         TM_UNROLL
-        for (int r = 0; r < R; ++r) acc[a][r] += q[r * DP + d + a] * kv;
+        for (int r = 0; r < R; ++r) acc[a][r] += q[(d + a) * R + r] * kv;
       }
     }
     for (; d < D; ++d) {
       const vfloat kv = ld(k + d * BS, w);
       TM_UNROLL
-      for (int r = 0; r < R; ++r) acc[0][r] += q[r * DP + d] * kv;
+      for (int r = 0; r < R; ++r) acc[0][r] += q[d * R + r] * kv;
     }
     TM_UNROLL
     for (int r = 0; r < R; ++r) {
@@ -414,9 +419,11 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   float* mx = sc.m.data();
   float* l = sc.l.data();
   float* corr = sc.corr.data();
+  float* tsum = sc.tsum.data();
   float* ones = sc.ones.data();
   const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
+  const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(head_bytes, (BS + kLanes - 1) / kLanes * (D / 2));
   // The prefetch runs kPrefetchUnits (block, head) units ahead: the first ones at once, while the
   // queries are packed, then one unit spread over each unit's score pass.
   UnitCursor ahead{x.kb0, 0, 0, TB, x.nh, num_blocks};
@@ -425,12 +432,17 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
     prefetch(p.keys(first, x.h0 + ahead.h), head_bytes);
     prefetch(p.values(first, x.h0 + ahead.h), head_bytes);
   }
+  // Each group of R rows (as for_row_groups cuts them) is packed dimension-major, [D][R] at the
+  // group's first row: row_scores then reads the R queries of a dimension from one pointer.
   for (int h = 0; h < x.nh; ++h)
-    for (int m = 0; m < x.rows; ++m) {
-      const T* src = q_row(p, x, x.h0 + h, m);
-      float* dst = q + (h * x.rows + m) * DP;
-      for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]) * p.scale;
-    }
+    for_row_groups(x.rows, [&](auto R, int r) {
+      constexpr int kR = decltype(R)::value;
+      float* dst = q + (h * x.rows + r) * DP;
+      for (int i = 0; i < kR; ++i) {
+        const T* src = q_row(p, x, x.h0 + h, r + i);
+        for (int d = 0; d < D; ++d) dst[d * kR + i] = to_float(src[d]) * p.scale;
+      }
+    });
   if (x.state_in) {
     for (int h = 0; h < x.nh; ++h)
       for (int m = 0; m < x.rows; ++m) {
@@ -458,19 +470,20 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         if (ahead.valid()) {
           const int64_t next = block_of(p, x, ahead.block());
           pf = SpreadPrefetch(p.keys(next, x.h0 + ahead.h), p.values(next, x.h0 + ahead.h), head_bytes,
-                              (BS + kLanes - 1) / kLanes * (D / 2));
+                              pf_per_step);
           ahead.advance();
         }
         const T* kt = p.keys(blk[b], x.h0 + h);
         for_row_groups(x.rows, [&](auto R, int r) {
           float* out = s + (r0 + r) * TS + b * SP;
-          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out, pf);
-          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, DP, D, kt, BS, TS, out, pf);
+          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
+          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
         });
         pf.finish();
       }
       // The softmax step of each row over the tile: key k of block b is visible iff it exists and
-      // lies at or before the row's position (valid counts them per block).
+      // lies at or before the row's position (valid counts them per block; only the blocks with
+      // fewer than SP visible keys are masked). corr holds exponents until the vector exp below.
       for (int m = r0; m < r0 + x.rows; ++m) {
         const int last = x.pos0 + (m - r0) / p.group;  // the row's position
         float* sm = s + m * TS;
@@ -480,6 +493,10 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
           const int k0 = (t0 + b) * BS;
           const int valid = std::min(std::min(BS, x.key_end - k0), last + 1 - k0);
           any |= valid > 0;
+          if (valid == SP) {
+            for (int c0 = 0; c0 < SP; c0 += kLanes) tmax = vmax(tmax, load(sm + b * SP + c0));
+            continue;
+          }
           for (int c0 = 0; c0 < SP; c0 += kLanes) {  // masked lanes become 0 after the exp
             const vfloat v = lane < static_cast<float>(valid - c0) ? load(sm + b * SP + c0) : splat(kNegInf);
             store(sm + b * SP + c0, v);
@@ -488,7 +505,8 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         }
         if (!any) {  // the whole tile lies after this row's position: the row keeps its state
           std::fill(sm, sm + nb * SP, 0.f);
-          corr[m] = 1.f;
+          corr[m] = 0.f;
+          tsum[m] = 0.f;
           continue;
         }
         const float mnew = std::max(mx[m], reduce_max(tmax));
@@ -498,9 +516,15 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
           store(sm + c0, e);
           sum += e;
         }
-        corr[m] = std::exp(mx[m] - mnew);  // 0 on the first tile (mx = -inf)
-        l[m] = l[m] * corr[m] + reduce_add(sum);
+        corr[m] = mx[m] - mnew;  // -inf on the first tile (mx = -inf): exp gives 0
+        tsum[m] = reduce_add(sum);
         mx[m] = mnew;
+      }
+      for (int m = r0; m < r0 + x.rows; m += kLanes) {
+        const int w = std::min(kLanes, r0 + x.rows - m);
+        const vfloat c = vexp(ld(corr + m, w));
+        st(corr + m, c, w);
+        st(l + m, ld(l + m, w) * c + ld(tsum + m, w), w);
       }
       for (int b = 0; b < nb; ++b) {
         const T* vb = p.values(blk[b], x.h0 + h);
