@@ -23,6 +23,8 @@ from tokenmill.worker.sampler import Sampler, SamplingRow
 class ModelRunnerOutput:
     # request_id -> (sampled token, its logprobs dict or None); only requests that sampled.
     sampled: dict[str, tuple[int, dict[int, float] | None]]
+    # requests whose grammar reached its end with this step's token (finish them: "stop")
+    grammar_done: frozenset[str] = frozenset()
 
 
 class ModelRunner:
@@ -96,11 +98,12 @@ class ModelRunner:
             self._last_sampled = {}
             return ModelRunnerOutput({})
         rows = [SamplingRow(reqs[i].sampling_params, reqs[i].generator, reqs[i].prompt_token_ids,
-                            _history(reqs[i], pending)) for i in sampling]
+                            _history(reqs[i], pending), reqs[i].grammar) for i in sampling]
         out = self.sampler(logits, rows)
         self._last_sampled = {reqs[i].request_id: tok for i, tok in zip(sampling, out.token_ids)}
         return ModelRunnerOutput({reqs[i].request_id: (tok, lp) for i, tok, lp
-                                  in zip(sampling, out.token_ids, out.logprobs)})
+                                  in zip(sampling, out.token_ids, out.logprobs)},
+                                 frozenset(reqs[sampling[j]].request_id for j in out.grammar_done))
 
 
 def _history(req: ScheduledRequest, pending: dict[str, int]) -> list[int]:
