@@ -310,7 +310,7 @@ _BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     400, "tools"),
+     400, "tools.0.function"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
     ("/detokenize", {"tokens": [-5]}, 400, "tokens"),
     ("/tokenize", {}, 400, "prompt"),

@@ -96,7 +96,7 @@ class GrammarCache:
         key = spec.key
         with self._lock:
             future = self._entries.get(key)
-            if future is not None:
+            if future is not None and not future.cancelled():
                 self._entries.move_to_end(key)
                 return future
             future = self._pool.submit(self._compile, *key)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,6 +85,7 @@ class LLMEngine:
         # Structured outputs: the grammar cache (made on first use), and the requests whose grammar
         # is still compiling (held here, not in the scheduler: they take no batch slot meanwhile).
         self._grammar_cache: GrammarCache | None = None
+        self._grammar_lock = threading.Lock()
         self._compiling: list[tuple[_Parent, Future]] = []
         self._failed: list[str] = []  # parents ended by a failed compile, their output not yet given
 
@@ -129,9 +131,12 @@ class LLMEngine:
 
     @property
     def grammar_cache(self) -> GrammarCache:
-        if self._grammar_cache is None:
-            self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
-                                               self.config.grammar_cache_size)
+        """Made on first use (xgrammar reads the whole vocabulary), by whichever thread asks first
+        (the server compiles a request's grammar before it queues it)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
+                                                   self.config.grammar_cache_size)
         return self._grammar_cache
 
     def compile_structured_outputs(self, spec: StructuredOutputsParams) -> None:

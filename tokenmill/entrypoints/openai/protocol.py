@@ -28,6 +28,32 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | bool = Field(True, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's structured_outputs: exactly one constraint."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
 class _SamplingRequest(_Request):
     """The fields completions and chat completions share."""
     model: str | None = None
@@ -51,6 +77,9 @@ class _SamplingRequest(_Request):
     priority: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     _nulls = _null_means_default("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                                  "min_p", "repetition_penalty", "min_tokens", "priority", "skip_special_tokens",
@@ -59,7 +88,7 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Any = Field(description="a string, a list of strings, a list of token ids, or a list of those")
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # none given: --default-max-tokens, else 16 (as OpenAI and vLLM)
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -90,9 +119,32 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
+    model_config = ConfigDict(extra="allow")  # name, ...: passed to the chat template
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -101,21 +153,22 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Not supported: rejected when set to anything but their no-op value.
-    tools: list | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Not supported (the deprecated form of tools): rejected unless empty.
     functions: list | None = None
-    response_format: dict | None = None
     # vLLM's extras
     add_generation_prompt: bool = True
 
-    _chat_nulls = _null_means_default("logprobs", "add_generation_prompt")
+    _chat_nulls = _null_means_default("logprobs", "add_generation_prompt", "parallel_tool_calls")
 
 
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered with messages, as a chat request would
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -171,9 +224,33 @@ class ChatLogProbs(BaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -196,6 +273,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
