@@ -279,7 +279,6 @@ _BAD = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "seed": 10 ** 30}, 400, "seed"),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),

@@ -225,3 +225,36 @@ def test_default_max_tokens_and_limit(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="hi", max_tokens=201)
     assert e.value.body["param"] == "max_tokens"
+
+
+# ---- prompt logprobs -----------------------------------------------------------------------------
+
+def test_echo_logprobs_and_prompt_logprobs_match_transformers(client, model, tool_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [101, 2045, 777, 31337, 9, 4242, 17]
+    hf = AutoModelForCausalLM.from_pretrained(tool_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2,
+                                  extra_body={"prompt_logprobs": 3})
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for p in range(1, len(prompt)):
+        assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, prompt[p]].item(), abs=2e-5)
+        assert len(lp.top_logprobs[p]) >= 2
+    assert c.text.startswith(httpx.post(f"{client.base_url}".removesuffix("/v1/") + "/detokenize",
+                                        json={"tokens": prompt}).json()["prompt"])
+    extra = c.model_extra["prompt_logprobs"]
+    assert extra[0] is None and len(extra) == len(prompt)
+    for p in range(1, len(prompt)):
+        assert extra[p][str(prompt[p])]["logprob"] == pytest.approx(ref[p - 1, prompt[p]].item(), abs=2e-5)
+        top3 = ref[p - 1].topk(3).indices.tolist()
+        assert {str(t) for t in top3} <= set(extra[p])
+    streamed = list(client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                              logprobs=2, stream=True))
+    tokens = [t for chunk in streamed for ch in chunk.choices if ch.logprobs for t in ch.logprobs.tokens]
+    values = [v for chunk in streamed for ch in chunk.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
+    assert tokens == lp.tokens and values == lp.token_logprobs

@@ -83,6 +83,7 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list[dict[int, float] | None] = [None]  # with params.prompt_logprobs
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         self.block_ids: list[int] = []

@@ -311,7 +311,9 @@ class Scheduler:
             if req.num_pending_tokens:
                 break  # preempted with its last sample in flight: resume once the engine has it
             swapped = req.status == RequestStatus.SWAPPED
-            cached = [] if swapped else self.kv.find_cached_prefix(req)
+            # Prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
+            cached = [] if swapped or req.sampling_params.prompt_logprobs is not None else \
+                self.kv.find_cached_prefix(req)
             num_cached = len(cached) * self.kv.block_size
             num_new = req.num_tokens_with_pending - req.num_computed_tokens - num_cached
             if num_new > budget and not self.chunked_prefill:

@@ -281,6 +281,10 @@ class LLMEngine:
         now = time.time()
         touched: dict[str, None] = {}
         finished: list[str] = []
+        for rid, (first, entries) in (result.prompt_logprobs or {}).items():
+            req = requests_by_id[rid]
+            known = len(req.prompt_logprobs)  # a recomputed (preempted) prompt scores its tokens again
+            req.prompt_logprobs.extend(entries[known - first:] if known >= first else [])
         for rid, (token, logprobs) in result.sampled.items():
             req = requests_by_id[rid]
             if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
@@ -363,8 +367,10 @@ class LLMEngine:
             del self._parents[parent_id]
             for req in parent.children:
                 self._detokenizers.pop(req.request_id, None)
+        leader = parent.children[0]
+        prompt_logprobs = list(leader.prompt_logprobs) if leader.sampling_params.prompt_logprobs is not None else None
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             RequestMetrics.of(parent.children))
+                             RequestMetrics.of(parent.children), prompt_logprobs)
 
     # ---- state -------------------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = None  # none given: --default-max-tokens, else 16 (as OpenAI and vLLM)
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: logprobs of the prompt tokens, "
+                                                                       "and this many top ones per token")
     best_of: int | None = None
     suffix: str | None = None
 
@@ -192,6 +194,11 @@ class CompletionLogProbs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
+    def extended(self, other: "CompletionLogProbs") -> "CompletionLogProbs":
+        return CompletionLogProbs(text_offset=self.text_offset + other.text_offset,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  tokens=self.tokens + other.tokens, top_logprobs=self.top_logprobs + other.top_logprobs)
+
 
 class CompletionChoice(BaseModel):
     index: int
@@ -199,6 +206,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's: None for the first prompt token, then {token id: {"logprob", "decoded_token"}} per token
+    prompt_logprobs: list[dict[str, dict[str, float | str]] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

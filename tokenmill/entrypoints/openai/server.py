@@ -349,8 +349,6 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, f"best_of must equal n (only n samples are generated), got best_of="
                                 f"{body.best_of}, n={body.n}", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (it needs prompt logprobs)", param="echo")
         max_tokens = self.resolve_max_tokens(body.max_tokens, 16, "max_tokens")
         prompts = []
         for p in body.prompt:
@@ -363,6 +361,9 @@ class OpenAIServer:
         spec, spec_param = self.structured_spec(body)
         params = self.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, names={},
                                       structured_outputs=spec)
+        want_prompt = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
+        if want_prompt:
+            params = params.clone(prompt_logprobs=max(want_prompt))
         await self.compile_constraint(spec, spec_param)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.add_requests(request_id, prompts, params, body, arrival_time, "prompt")
@@ -375,16 +376,43 @@ class OpenAIServer:
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
+                    if body.echo:
+                        logprobs = self._echo_logprobs(out, body.logprobs).extended(logprobs)
                 choices.append(CompletionChoice(
                     index=i * body.n + c.index, text=echo_texts[i] + c.text, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    logprobs=self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
-                    if body.logprobs is not None else None))
+                    stop_reason=c.stop_reason, logprobs=logprobs,
+                    prompt_logprobs=self._prompt_logprobs(out) if body.prompt_logprobs is not None else None))
         return JSONResponse(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                                usage=self.usage(prompts, finals)).model_dump())
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, dict[str, float | str]] | None]:
+        return [None if lp is None else {str(t): {"logprob": v, "decoded_token": self.token_text(t)}
+                                         for t, v in lp.items()} for lp in out.prompt_logprobs]
+
+    def _echo_logprobs(self, out: RequestOutput, top_n: int) -> CompletionLogProbs:
+        """echo with logprobs: the prompt's tokens first (the first has no logprob, as OpenAI's)."""
+        result, offset = CompletionLogProbs(), 0
+        for tok, lp in zip(out.prompt_token_ids, out.prompt_logprobs):
+            text = self.token_text(tok)
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if lp is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(lp[tok])
+            # As for generated tokens: the token's own logprob and the top_n most likely.
+            top = sorted(lp.items(), key=lambda kv: -kv[1])
+            own = [kv for kv in top if kv[0] == tok]
+            result.top_logprobs.append({self.token_text(t): v for t, v in top[:top_n] + own})
+        return result
 
     def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                              offset: int) -> CompletionLogProbs:
@@ -404,6 +432,7 @@ class OpenAIServer:
         hold_back = _hold_back(body.stop)
         states = [[_ChoiceState(echo_texts[i]) for _ in range(body.n)] for i in range(len(prompts))]
         offsets = [[0] * body.n for _ in prompts]
+        echoed: set[tuple[int, int]] = set()
         finals: list[RequestOutput | None] = [None] * len(prompts)
         usage_opts = body.stream_options
         try:
@@ -417,11 +446,22 @@ class OpenAIServer:
                     text, tokens = delta
                     logprobs = None
                     if body.logprobs is not None:
+                        if body.echo and (i, c.index) not in echoed:
+                            echoed.add((i, c.index))
+                            echo = self._echo_logprobs(out, body.logprobs)
+                            offsets[i][c.index] = len(echo_texts[i])
+                        else:
+                            echo = None
                         logprobs = self._completion_logprobs(tokens, c.logprobs[len(c.logprobs) - len(tokens):],
                                                              offsets[i][c.index])
                         offsets[i][c.index] += sum(len(t) for t in logprobs.tokens)
-                    choices.append(CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                        if echo is not None:
+                            logprobs = echo.extended(logprobs)
+                    choice = CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    if body.prompt_logprobs is not None and c.finish_reason is not None:
+                        choice.prompt_logprobs = self._prompt_logprobs(out)
+                    choices.append(choice)
                 if choices:
                     chunk = CompletionResponse(id=request_id, created=created, model=self.model_name,
                                                choices=choices)
