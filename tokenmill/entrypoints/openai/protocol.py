@@ -7,13 +7,41 @@ never silently dropped. Value ranges are checked once, by SamplingParams.
 from __future__ import annotations
 
 import time
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def _wants_int(annotation) -> bool:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    return int in args and float not in args
+
+
+def _list_items(annotation) -> list:
+    """The item types of the list[...] members of an annotation."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    return [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list and typing.get_args(a)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # NOTE: strict: a value of the wrong JSON type is a 400 (lax pydantic would take "2" or 0 for a
+    # number or a boolean, which the published schema says is invalid); an integral float such as
+    # 2.0 is still an integer, as JSON Schema says.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, float) and value.is_integer() and _wants_int(annotation):
+            return int(value)
+        if isinstance(value, list) and any(_wants_int(a) for a in _list_items(annotation)):
+            return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+        return value
 
 
 def _null_means_default(*names: str):
@@ -57,26 +85,26 @@ class StructuredOutputsRequest(_Request):
 class _SamplingRequest(_Request):
     """The fields completions and chat completions share."""
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
+    n: int | None = Field(1, ge=1, le=128)
+    temperature: float | None = Field(1.0, ge=0.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="one or more non-empty stop strings")
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # not supported: rejected unless empty
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: must be empty")
     # vLLM's extra sampling fields
-    top_k: int = Field(-1, le=1 << 31)
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
+    top_k: int | None = Field(-1, ge=-1, le=1 << 31, description="-1 or 0: no top-k cut")
+    min_p: float | None = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0)
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(0, ge=0, description="at most max_tokens")
+    priority: int | None = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool | None = True
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
@@ -87,14 +115,21 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any = Field(description="a string, a list of strings, a list of token ids, or a list of those")
-    max_tokens: int | None = None  # none given: --default-max-tokens, else 16 (as OpenAI and vLLM)
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: Any = Field(description="a string, a list of strings, a list of token ids, or a list of those",
+                        json_schema_extra={"anyOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                            {"type": "array", "minItems": 1, "items": {
+                                "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]})
+    # none given: --default-max-tokens, else 16 (as OpenAI and vLLM)
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: logprobs of the prompt tokens, "
                                                                        "and this many top ones per token")
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=128, description="must equal n")
+    suffix: str | None = Field(None, max_length=0, description="not supported: must be empty")
 
     _echo_null = _null_means_default("echo")
 
@@ -116,13 +151,13 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Request):
     model_config = ConfigDict(extra="allow")  # name, ...: passed to the chat template
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
@@ -151,33 +186,36 @@ class NamedToolChoice(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="read only with logprobs: true")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = True
     # Not supported (the deprecated form of tools): rejected unless empty.
-    functions: list | None = None
+    functions: list | None = Field(None, max_length=0)
     # vLLM's extras
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
     _chat_nulls = _null_means_default("logprobs", "add_generation_prompt", "parallel_tool_calls")
 
 
 class TokenizeRequest(_Request):
+    """Exactly one of prompt or messages."""
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str = Field(None, json_schema_extra={"type": "string"})  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(None, min_length=1, json_schema_extra={"type": "array"})  # type: ignore
     tools: list[ChatTool] | None = None  # rendered with messages, as a chat request would
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
 # ---- responses --------------------------------------------------------------------------------

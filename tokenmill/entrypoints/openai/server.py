@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
 from tokenmill.engine.metrics import PrometheusMetrics
+from tokenmill.entrypoints.openai import contract
 from tokenmill.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice,
@@ -192,6 +193,7 @@ class OpenAIServer:
         rendered = []
         for i, m in enumerate(messages):
             msg = m.model_dump(exclude_none=True)
+            msg.setdefault("content", "")  # templates read it even where it may be null (tool calls)
             for call in msg.get("tool_calls", []):
                 # Templates read an earlier call's arguments as a mapping; clients send JSON text.
                 fn = call.get("function")
@@ -298,7 +300,7 @@ class OpenAIServer:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         try:
             return SamplingParams(
-                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or -1, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop,
                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, max_tokens=max_tokens,
@@ -487,8 +489,8 @@ class OpenAIServer:
         if body.functions:
             raise APIError(400, "functions is not supported: use tools", param="functions")
         mode = self.tool_mode(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if body.max_completion_tokens is not None and body.max_tokens is not None:
+            self.resolve_max_tokens(body.max_tokens, None, "max_tokens")  # both are bounded by the limit
         max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self.resolve_max_tokens(given, None, max_tokens_param)
@@ -790,7 +792,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        # The most specific error: of a union's members, the one that got furthest into the value.
+        err = max(e.errors(), key=lambda er: len(er.get("loc", ()))) if e.errors() else \
+            {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(p) for p in err.get("loc", ())[1:] if not _is_union_tag(p)]
         if err.get("type") == "json_invalid":
             reason = err.get("ctx", {}).get("error", err["msg"])
@@ -803,7 +807,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail))
+        response = error_response(e.status_code, str(e.detail))
+        response.headers.update(e.headers or {})  # 405: Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -811,40 +817,44 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     auth = [Depends(check_api_key)]
+    errors = contract.error_responses(api_key is not None)
 
-    @app.get("/health")
+    @app.get("/health", response_model=contract.Health, responses=contract.only(errors, 503))
     async def health() -> Response:
         if not engine.is_running:
             return error_response(503, f"the engine is not running ({engine.error or 'stopped'})")
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=contract.PLAIN_TEXT)
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.render() if metrics else b"", media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=contract.only(errors, 401))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, root=str(engine.config.model or model_name),
                                          max_model_len=server.max_model_len)])
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
+              responses=contract.streaming(errors))
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await server.create_completion(body, raw)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
+              responses=contract.streaming(errors))
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await server.create_chat_completion(body, raw)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, responses=contract.only(errors, 400, 401, 404))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return server.tokenize(body)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, responses=contract.only(errors, 400, 401, 404))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return server.detokenize(body)
 
+    contract.install_openapi(app, server)
     return app
 
 
