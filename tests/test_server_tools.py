@@ -258,3 +258,39 @@ def test_echo_logprobs_and_prompt_logprobs_match_transformers(client, model, too
     tokens = [t for chunk in streamed for ch in chunk.choices if ch.logprobs for t in ch.logprobs.tokens]
     values = [v for chunk in streamed for ch in chunk.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
     assert tokens == lp.tokens and values == lp.token_logprobs
+
+
+# ---- the server's contract ---------------------------------------------------------------------
+
+def test_openapi_documents_what_the_server_does(server):
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    ops = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert all("422" not in op["responses"] for op in ops.values())
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        op = ops[path, "post"]
+        assert {"200", "400", "404", "503"} <= set(op["responses"])
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert set(ops["/metrics", "get"]["responses"]["200"]["content"]) == {"text/plain"}
+    props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": 200} in props["max_tokens"]["anyOf"]  # --max-tokens-limit
+    health = httpx.get(f"{server.url}/health")
+    assert health.headers["content-type"] == "application/json" and health.json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/metrics").headers["content-type"].startswith("text/plain")
+    not_allowed = httpx.request("TRACE", f"{server.url}/health")
+    assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "GET"
+    assert not_allowed.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_schemathesis_finds_nothing(server):
+    """A short run of every schemathesis check (the long one is `make fuzz`): no 5xx, no response
+    outside the schema, no undocumented status or content type."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+                          "--checks", "all", "--max-examples", "5", "--phases", "fuzzing", "--workers", "1",
+                          "--seed", "13"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "No issues found" in run.stdout, run.stdout[-3000:]
