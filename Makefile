@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test fuzz clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# schemathesis against a real server on a tiny random model, every check (a few minutes).
+fuzz: $(STAMP)
+	$(PY) benchmarks/fuzz.py --max-examples 100
 
 clean:
 	rm -rf $(VENV)

@@ -88,6 +88,11 @@ class EngineConfig:
                                         "request finished")
     output_ratio_decay: float = _knob(0.9, "admission control: weight of the old expected output ratio when a "
                                       "request finishes")
+    # Structured outputs
+    grammar_compile_timeout: float = _knob(
+        10.0, "structured outputs: seconds a constraint (JSON schema, regex, grammar) may take to compile "
+              "before the request is refused")
+    grammar_cache_size: int = _knob(128, "structured outputs: compiled grammars kept (least recently used dropped)")
     # Serving
     max_queued_requests: int | None = _knob(None, "serve: answer 503 while this many requests wait to be scheduled")
 
@@ -118,6 +123,10 @@ class EngineConfig:
             raise ValueError(f"initial_output_ratio must be in (0, 1], got {self.initial_output_ratio!r}")
         if not 0.0 <= self.output_ratio_decay < 1.0:
             raise ValueError(f"output_ratio_decay must be in [0, 1), got {self.output_ratio_decay!r}")
+        if not self.grammar_compile_timeout > 0:
+            raise ValueError(f"grammar_compile_timeout must be positive, got {self.grammar_compile_timeout!r}")
+        if not isinstance(self.grammar_cache_size, int) or self.grammar_cache_size < 1:
+            raise ValueError(f"grammar_cache_size must be a positive integer, got {self.grammar_cache_size!r}")
         if self.max_queued_requests is not None and (not isinstance(self.max_queued_requests, int)
                                                      or self.max_queued_requests < 1):
             raise ValueError(f"max_queued_requests must be a positive integer or None, got {self.max_queued_requests!r}")

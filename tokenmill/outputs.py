@@ -65,3 +65,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per token
+    # ({token_id: logprob}: the prompt's own token and the top ones), complete once the prompt is.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -29,6 +29,7 @@ from tokenmill.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its structured-output grammar is compiling (engine-held)
     WAITING = "waiting"
     RUNNING = "running"
     SWAPPED = "swapped"  # preempted with its KV copied to host memory
@@ -68,7 +69,8 @@ class RequestTimes:
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  *, prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
-                 parent_id: str | None = None, index: int = 0, tenant: str = "default") -> None:
+                 parent_id: str | None = None, index: int = 0, tenant: str = "default",
+                 status: RequestStatus = RequestStatus.WAITING) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -81,13 +83,16 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[dict[int, float]] = []
+        self.prompt_logprobs: list[dict[int, float] | None] = [None]  # with params.prompt_logprobs
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hashes of its full blocks (prefix caching)
         self.num_registered_blocks = 0  # leading blocks already entered in the prefix cache
         self.swapped_block_ids: list[int] = []  # host blocks holding its KV while SWAPPED
-        self.status = RequestStatus.WAITING
+        self.status = status
+        # Its structured-output matcher (a RequestGrammar), set once compiled, before it is scheduled.
+        self.grammar = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.times = RequestTimes(arrival_time if arrival_time is not None else time.time())

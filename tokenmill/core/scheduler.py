@@ -68,6 +68,7 @@ class ScheduledRequest:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # known outputs at scheduling time (a pending token not included)
+    grammar: object = None  # the request's RequestGrammar (structured outputs), advanced by the sampler
 
     @property
     def num_tokens(self) -> int:
@@ -165,8 +166,11 @@ class Scheduler:
     # ---- bookkeeping ----------------------------------------------------------------------------
 
     def add_request(self, request: Request, fork_of: Request | None = None) -> None:
-        """Queue a new (WAITING) request; with fork_of, it is another sample of that (leader) request."""
-        assert request.status == RequestStatus.WAITING and not request.num_computed_tokens
+        """Queue a new request (WAITING, or WAITING_FOR_GRAMMAR whose grammar is now ready); with
+        fork_of, it is another sample of that (leader) request."""
+        assert request.status in (RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR)
+        assert not request.num_computed_tokens
+        request.status = RequestStatus.WAITING
         if fork_of is not None:
             self.forks.setdefault(fork_of.request_id, (fork_of, []))[1].append(request)
         else:
@@ -183,6 +187,7 @@ class Scheduler:
         elif request.status == RequestStatus.WAITING:
             if not self._remove_pending_fork(request):
                 self.policy.remove(request)
+        # WAITING_FOR_GRAMMAR: never queued here, nothing to leave
         request.status = status
         self.kv.free(request)
         if status != RequestStatus.FINISHED_ABORTED:
@@ -306,7 +311,9 @@ class Scheduler:
             if req.num_pending_tokens:
                 break  # preempted with its last sample in flight: resume once the engine has it
             swapped = req.status == RequestStatus.SWAPPED
-            cached = [] if swapped else self.kv.find_cached_prefix(req)
+            # Prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
+            cached = [] if swapped or req.sampling_params.prompt_logprobs is not None else \
+                self.kv.find_cached_prefix(req)
             num_cached = len(cached) * self.kv.block_size
             num_new = req.num_tokens_with_pending - req.num_computed_tokens - num_cached
             if num_new > budget and not self.chunked_prefill:
@@ -388,6 +395,7 @@ class Scheduler:
             generator=req.generator,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=list(req.output_token_ids) if params.needs_output_history else [],
+            grammar=req.grammar,
         ))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,8 @@ from tokenmill.models.layers.cpu_ops import cpu_ops_available, load_extension
 from tokenmill.models.loader import load_hf_config, load_model, resolve_model
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tokenmill.request import Request, RequestStatus
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from tokenmill.structured_output import GrammarCache, RequestGrammar
 from tokenmill.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -80,6 +82,12 @@ class LLMEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-runner") \
             if config.async_scheduling else None
         self._in_flight: deque[tuple[SchedulerOutput, dict[str, Request], Future, float]] = deque()
+        # Structured outputs: the grammar cache (made on first use), and the requests whose grammar
+        # is still compiling (held here, not in the scheduler: they take no batch slot meanwhile).
+        self._grammar_cache: GrammarCache | None = None
+        self._grammar_lock = threading.Lock()
+        self._compiling: list[tuple[_Parent, Future]] = []
+        self._failed: list[str] = []  # parents ended by a failed compile, their output not yet given
 
     # ---- requests in -----------------------------------------------------------------------------
 
@@ -97,19 +105,66 @@ class LLMEngine:
         if clash is not None:
             raise ValueError(f"request_id {request_id!r} clashes with the live request id {clash!r} "
                              f"(the samples of an n > 1 request are named '<i>_<request_id>')")
+        grammar = None if params.structured_outputs is None else self.grammar_cache.compile(params.structured_outputs)
+        status = RequestStatus.WAITING if grammar is None else RequestStatus.WAITING_FOR_GRAMMAR
         parent = _Parent(request_id, text, token_ids)
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i)
             req = Request(child_id, token_ids, child_params, prompt=text, priority=priority,
-                          arrival_time=arrival_time, parent_id=request_id, index=i, tenant=tenant)
+                          arrival_time=arrival_time, parent_id=request_id, index=i, tenant=tenant, status=status)
             parent.children.append(req)
             self._requests[child_id] = req
             self._detokenizers[child_id] = IncrementalDetokenizer(
                 self.tokenizer, token_ids, child_params.skip_special_tokens, child_params.stop)
+        self._parents[request_id] = parent
+        if grammar is None:
+            self._schedule_parent(parent)
+        else:
+            self._compiling.append((parent, grammar))
+            self._admit_compiled()
+
+    def _schedule_parent(self, parent: _Parent) -> None:
+        for i, req in enumerate(parent.children):
             # Samples after the first fork from it once its prompt is computed (shared blocks).
             self.scheduler.add_request(req, fork_of=parent.children[0] if i else None)
-        self._parents[request_id] = parent
+
+    @property
+    def grammar_cache(self) -> GrammarCache:
+        """Made on first use (xgrammar reads the whole vocabulary), by whichever thread asks first
+        (the server compiles a request's grammar before it queues it)."""
+        with self._grammar_lock:
+            if self._grammar_cache is None:
+                self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
+                                                   self.config.grammar_cache_size)
+        return self._grammar_cache
+
+    def compile_structured_outputs(self, spec: StructuredOutputsParams) -> None:
+        """Compile (or find cached) the grammar of `spec`, waiting at most config.grammar_compile_timeout:
+        raises ParamError (naming structured_outputs) for a bad spec or one too slow to compile."""
+        self.grammar_cache.compile_now(spec, self.config.grammar_compile_timeout)
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar has compiled join the scheduler (each sample with its own matcher);
+        those whose spec failed to compile end at once (aborted, the error as their stop_reason)."""
+        still = []
+        for parent, future in self._compiling:
+            if self._parents.get(parent.request_id) is not parent:
+                continue  # aborted while compiling
+            if not future.done():
+                still.append((parent, future))
+                continue
+            error = future.exception()
+            if error is not None:
+                for req in parent.children:
+                    req.stop_reason = str(error)
+                    self._finish(req, RequestStatus.FINISHED_ABORTED)
+                self._failed.append(parent.request_id)
+                continue
+            for req in parent.children:
+                req.grammar = RequestGrammar(future.result())
+            self._schedule_parent(parent)
+        self._compiling = still
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -175,26 +230,33 @@ class LLMEngine:
         thread: this schedules the next batch, then returns the outputs of the oldest one in flight,
         processed while the next computes.
         """
+        failed = self._take_failed()
         if self._executor is None:
             t_start = time.time()
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.is_empty:
-                return []
+                return failed
             requests_by_id = self._mark_scheduled(scheduler_output, t_start)
             result = self.runner.execute(scheduler_output)
-            return self._process(scheduler_output, requests_by_id, result, t_start)
+            return failed + self._process(scheduler_output, requests_by_id, result, t_start)
         if not self._in_flight:
             self._submit()  # start the pipeline: the batch after it is scheduled right below
         self._submit()  # schedule step N+1 while step N computes
         if not self._in_flight:
-            return []
+            return failed
         scheduler_output, requests_by_id, future, t_start = self._in_flight.popleft()
-        outputs = self._process(scheduler_output, requests_by_id, future.result(), t_start)
+        outputs = failed + self._process(scheduler_output, requests_by_id, future.result(), t_start)
         if self._in_flight and not self._parents:
             # Nothing is left to serve: finish the batch in flight (its samples are dropped) so the
             # runner is idle when step() returns.
             self._in_flight.popleft()[2].result()
         return outputs
+
+    def _take_failed(self) -> list[RequestOutput]:
+        if self._compiling:
+            self._admit_compiled()
+        failed, self._failed = self._failed, []
+        return [self._make_output(pid) for pid in failed if pid in self._parents]
 
     def _submit(self) -> None:
         t_start = time.time()
@@ -219,6 +281,10 @@ class LLMEngine:
         now = time.time()
         touched: dict[str, None] = {}
         finished: list[str] = []
+        for rid, (first, entries) in (result.prompt_logprobs or {}).items():
+            req = requests_by_id[rid]
+            known = len(req.prompt_logprobs)  # a recomputed (preempted) prompt scores its tokens again
+            req.prompt_logprobs.extend(entries[known - first:] if known >= first else [])
         for rid, (token, logprobs) in result.sampled.items():
             req = requests_by_id[rid]
             if req.is_finished:  # a stop was seen in the previous batch's output, or aborted since
@@ -229,7 +295,7 @@ class LLMEngine:
             if req.times.first_token_time is None:
                 req.times.first_token_time = now
             req.times.last_token_time = now
-            status = self._check_stop(req, token)
+            status = self._check_stop(req, token, rid in result.grammar_done)
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(rid)
@@ -256,8 +322,13 @@ class LLMEngine:
         if self._trace is not None:
             self._trace.write(record)
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, grammar_done: bool = False) -> RequestStatus | None:
         p = req.sampling_params
+        if grammar_done:
+            # The grammar reached its end: the token is its stop token (left out of the text), or
+            # one it rejected (only possible when nothing it allows could be sampled).
+            req.stop_reason = None if token in req.grammar.matcher.stop_token_ids else "grammar"
+            return RequestStatus.FINISHED_STOPPED
         min_reached = req.num_output_tokens >= p.min_tokens
         if min_reached:
             # A stop token (EOS or stop_token_ids) ends the request; its text is left out (as vLLM).
@@ -296,8 +367,10 @@ class LLMEngine:
             del self._parents[parent_id]
             for req in parent.children:
                 self._detokenizers.pop(req.request_id, None)
+        leader = parent.children[0]
+        prompt_logprobs = list(leader.prompt_logprobs) if leader.sampling_params.prompt_logprobs is not None else None
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             RequestMetrics.of(parent.children))
+                             RequestMetrics.of(parent.children), prompt_logprobs)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -330,6 +403,8 @@ class LLMEngine:
             self._in_flight.popleft()[2].result()
         if self._executor is not None:
             self._executor.shutdown()
+        if self._grammar_cache is not None:
+            self._grammar_cache.close()
         if self._trace is not None:
             self._trace.close()
             self._trace = None

@@ -111,9 +111,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from tokenmill.entrypoints.openai.server import run_server
+    from tokenmill.entrypoints.openai.server import ServerOptions, run_server
 
-    run_server(engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY"),
+    options = ServerOptions(api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY"),
+                            tool_call_parser=args.tool_call_parser, default_max_tokens=args.default_max_tokens,
+                            max_tokens_limit=args.max_tokens_limit)
+    run_server(engine_kwargs(args), host=args.host, port=args.port, options=options,
                served_model_name=args.served_model_name, log_level=args.uvicorn_log_level)
     return 0
 
@@ -131,6 +134,14 @@ def add_serve_parsers(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $TOKENMILL_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients name (default: --model)")
+    serve.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json", "mistral"),
+                       help='how tool_choice "auto" (the default with tools) reads tool calls from the output: '
+                            "hermes (Qwen2.5 <tool_call>), llama3_json, mistral ([TOOL_CALLS])")
+    serve.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
+                       help="max_tokens of a request that gives none (default: 16 on /v1/completions, up to "
+                            "the context on /v1/chat/completions)")
+    serve.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                       help="a request asking for more than N tokens gets a 400 (and one asking none gets at most N)")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(serve)

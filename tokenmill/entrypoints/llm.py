@@ -44,6 +44,10 @@ class LLM:
         params_list = [p.clone(output_kind=RequestOutputKind.FINAL_ONLY) if isinstance(p, SamplingParams) else p
                        for p in params_list]
         engine = self.llm_engine
+        # A bad constraint is an error here, before anything runs (each distinct one compiled once).
+        for params in params_list:
+            if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+                engine.compile_structured_outputs(params.structured_outputs)
         ids = []
         try:
             for prompt, params, prio in zip(prompts, params_list, priorities):

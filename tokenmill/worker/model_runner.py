@@ -23,6 +23,11 @@ from tokenmill.worker.sampler import Sampler, SamplingRow
 class ModelRunnerOutput:
     # request_id -> (sampled token, its logprobs dict or None); only requests that sampled.
     sampled: dict[str, tuple[int, dict[int, float] | None]]
+    # requests whose grammar reached its end with this step's token (finish them: "stop")
+    grammar_done: frozenset[str] = frozenset()
+    # request_id -> (position of the first prompt token scored, one {token: logprob} per position):
+    # the logprobs of the prompt tokens this step's chunk predicts (SamplingParams.prompt_logprobs)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] | None = None
 
 
 class ModelRunner:
@@ -82,6 +87,13 @@ class ModelRunner:
 
         sampling = [i for i, r in enumerate(reqs) if r.will_sample]
         logits_indices = torch.from_numpy(query_start_loc[1:][sampling] - 1)
+        # Prompt logprobs: the rows of a chunk whose next token is a prompt token, after the samplers'.
+        scored = [(i, r.start_pos + 1, min(r.start_pos + r.num_tokens + 1, len(r.prompt_token_ids)))
+                  for i, r in enumerate(reqs) if r.sampling_params.prompt_logprobs is not None
+                  and r.start_pos + 1 < len(r.prompt_token_ids)]
+        if scored:
+            rows = [np.arange(query_start_loc[i], query_start_loc[i] + (end - first)) for i, first, end in scored]
+            logits_indices = torch.cat([logits_indices, torch.from_numpy(np.concatenate(rows))])
         attn_inputs = AttentionInputs(
             slot_mapping=torch.from_numpy(slot_mapping),
             query_start_loc=query_start_loc.tolist(),
@@ -92,15 +104,45 @@ class ModelRunner:
         metadata = self.backend.prepare(attn_inputs)
         logits = self.model(torch.from_numpy(input_ids), torch.from_numpy(positions), self.kv_caches,
                             metadata, logits_indices)
+        prompt_logprobs = None
+        if scored:
+            prompt_logprobs = _prompt_logprobs(logits[len(sampling):], reqs, scored)
+            logits = logits[:len(sampling)]
         if not sampling:
             self._last_sampled = {}
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, prompt_logprobs=prompt_logprobs)
         rows = [SamplingRow(reqs[i].sampling_params, reqs[i].generator, reqs[i].prompt_token_ids,
-                            _history(reqs[i], pending)) for i in sampling]
+                            _history(reqs[i], pending), reqs[i].grammar) for i in sampling]
         out = self.sampler(logits, rows)
         self._last_sampled = {reqs[i].request_id: tok for i, tok in zip(sampling, out.token_ids)}
         return ModelRunnerOutput({reqs[i].request_id: (tok, lp) for i, tok, lp
-                                  in zip(sampling, out.token_ids, out.logprobs)})
+                                  in zip(sampling, out.token_ids, out.logprobs)},
+                                 frozenset(reqs[sampling[j]].request_id for j in out.grammar_done),
+                                 prompt_logprobs)
+
+
+def _prompt_logprobs(logits: torch.Tensor, reqs: list[ScheduledRequest],
+                     scored: list[tuple[int, int, int]]) -> dict[str, tuple[int, list[dict[int, float]]]]:
+    """Each scored request's prompt tokens first..end-1: logprob (float32) and its top n."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out, row = {}, 0
+    for i, first, end in scored:
+        r = reqs[i]
+        n = r.sampling_params.prompt_logprobs
+        targets = r.prompt_token_ids[first:end]
+        block = logprobs[row:row + len(targets)]
+        row += len(targets)
+        own = block.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        top_vals, top_ids = block.topk(n, dim=-1) if n else (None, None)
+        entries = []
+        for j, (tok, lp) in enumerate(zip(targets, own)):
+            entry = {tok: lp}
+            if n:
+                for tid, val in zip(top_ids[j].tolist(), top_vals[j].tolist()):
+                    entry.setdefault(tid, val)
+            entries.append(entry)
+        out[r.request_id] = (first, entries)
+    return out
 
 
 def _history(req: ScheduledRequest, pending: dict[str, int]) -> list[int]:

@@ -1,6 +1,8 @@
 """Batched sampling with per-request parameters.
 
-Order of operations on each row's logits (as vLLM): min_tokens masks the stop tokens; repetition,
+Order of operations on each row's logits (as vLLM): a structured-output row's grammar masks every
+token it does not allow next (xgrammar's bitmask, on float32 logits); min_tokens masks the stop
+tokens (not on a grammar row: there the grammar decides where the output ends); repetition,
 presence and frequency penalties; then greedy rows take the argmax, and the others are divided by
 their temperature, cut by top-k, top-p and min-p, and sampled. Sampling draws exponential noise
 E and takes argmax(p / E), which picks token i with probability p_i; a seeded request draws its
@@ -11,12 +13,13 @@ default: the sampled token's plus the `logprobs` most likely ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured_output import RequestGrammar, apply_grammars
 
 
 @dataclass
@@ -26,12 +29,18 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    grammar: RequestGrammar | None = None  # structured outputs: advanced by the token sampled here
+
+    @property
+    def constrained(self) -> bool:
+        return self.grammar is not None and not self.grammar.done
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]
+    grammar_done: list[int] = field(default_factory=list)  # rows whose grammar reached its end
 
 
 class Sampler:
@@ -55,10 +64,14 @@ class Sampler:
             idx = torch.tensor(adjusted)
             tokens[idx] = self._sample(logits[idx].float(), [rows[i] for i in adjusted])
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, _gather_logprobs(logits, token_list, rows))
+        # After sampling, each matcher accepts its row's token (the next step's mask starts there).
+        grammar_done = [i for i, r in enumerate(rows) if r.constrained and r.grammar.accept(token_list[i])]
+        return SamplerOutput(token_list, _gather_logprobs(logits, token_list, rows), grammar_done)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits: a float32 copy of the rows' logits, adjusted in place."""
+        if any(r.constrained for r in rows):
+            apply_grammars(logits, [r.grammar if r.constrained else None for r in rows])
         _mask_stop_tokens_before_min(logits, rows)
         _apply_penalties(logits, rows)
         greedy = torch.tensor([r.params.greedy for r in rows])
@@ -79,13 +92,13 @@ class Sampler:
 def _is_adjusted(r: SamplingRow) -> bool:
     """Whether the row's logits change before its token is picked (penalties, min_tokens, sampling)."""
     p = r.params
-    return not p.greedy or p.has_penalties or len(r.output_token_ids) < p.min_tokens
+    return not p.greedy or p.has_penalties or len(r.output_token_ids) < p.min_tokens or r.constrained
 
 
 def _mask_stop_tokens_before_min(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, r in enumerate(rows):
         p = r.params
-        if len(r.output_token_ids) < p.min_tokens:
+        if len(r.output_token_ids) < p.min_tokens and not r.constrained:
             stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(p.all_stop_token_ids))
             if stop_ids:
                 logits[i, list(stop_ids)] = float("-inf")

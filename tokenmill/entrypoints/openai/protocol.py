@@ -7,13 +7,41 @@ never silently dropped. Value ranges are checked once, by SamplingParams.
 from __future__ import annotations
 
 import time
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def _wants_int(annotation) -> bool:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    return int in args and float not in args
+
+
+def _list_items(annotation) -> list:
+    """The item types of the list[...] members of an annotation."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union else (annotation,)
+    return [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list and typing.get_args(a)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # NOTE: strict: a value of the wrong JSON type is a 400 (lax pydantic would take "2" or 0 for a
+    # number or a boolean, which the published schema says is invalid); an integral float such as
+    # 2.0 is still an integer, as JSON Schema says.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral_floats(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, float) and value.is_integer() and _wants_int(annotation):
+            return int(value)
+        if isinstance(value, list) and any(_wants_int(a) for a in _list_items(annotation)):
+            return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+        return value
 
 
 def _null_means_default(*names: str):
@@ -28,29 +56,58 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | bool = Field(True, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's structured_outputs: exactly one constraint."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
 class _SamplingRequest(_Request):
     """The fields completions and chat completions share."""
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
+    n: int | None = Field(1, ge=1, le=128)
+    temperature: float | None = Field(1.0, ge=0.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="one or more non-empty stop strings")
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stream: bool = False
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # not supported: rejected unless empty
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: must be empty")
     # vLLM's extra sampling fields
-    top_k: int = Field(-1, le=1 << 31)
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
+    top_k: int | None = Field(-1, ge=-1, le=1 << 31, description="-1 or 0: no top-k cut")
+    min_p: float | None = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0)
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(0, ge=0, description="at most max_tokens")
+    priority: int | None = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool | None = True
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     _nulls = _null_means_default("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                                  "min_p", "repetition_penalty", "min_tokens", "priority", "skip_special_tokens",
@@ -58,12 +115,21 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any = Field(description="a string, a list of strings, a list of token ids, or a list of those")
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Any = Field(description="a string, a list of strings, a list of token ids, or a list of those",
+                        json_schema_extra={"anyOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                            {"type": "array", "minItems": 1, "items": {
+                                "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]})
+    # none given: --default-max-tokens, else 16 (as OpenAI and vLLM)
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM's: logprobs of the prompt tokens, "
+                                                                       "and this many top ones per token")
+    best_of: int | None = Field(None, ge=1, le=128, description="must equal n")
+    suffix: str | None = Field(None, max_length=0, description="not supported: must be empty")
 
     _echo_null = _null_means_default("echo")
 
@@ -85,44 +151,71 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Request):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
-    role: str
+    model_config = ConfigDict(extra="allow")  # name, ...: passed to the chat template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    # Not supported: rejected when set to anything but their no-op value.
-    tools: list | None = None
-    tool_choice: Any = None
-    functions: list | None = None
-    response_format: dict | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="read only with logprobs: true")
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    # Not supported (the deprecated form of tools): rejected unless empty.
+    functions: list | None = Field(None, max_length=0)
     # vLLM's extras
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
-    _chat_nulls = _null_means_default("logprobs", "add_generation_prompt")
+    _chat_nulls = _null_means_default("logprobs", "add_generation_prompt", "parallel_tool_calls")
 
 
 class TokenizeRequest(_Request):
+    """Exactly one of prompt or messages."""
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str = Field(None, json_schema_extra={"type": "string"})  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(None, min_length=1, json_schema_extra={"type": "array"})  # type: ignore
+    tools: list[ChatTool] | None = None  # rendered with messages, as a chat request would
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra={"items": {"type": "integer", "minimum": 0}})
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -139,6 +232,11 @@ class CompletionLogProbs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
+    def extended(self, other: "CompletionLogProbs") -> "CompletionLogProbs":
+        return CompletionLogProbs(text_offset=self.text_offset + other.text_offset,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  tokens=self.tokens + other.tokens, top_logprobs=self.top_logprobs + other.top_logprobs)
+
 
 class CompletionChoice(BaseModel):
     index: int
@@ -146,6 +244,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's: None for the first prompt token, then {token id: {"logprob", "decoded_token"}} per token
+    prompt_logprobs: list[dict[str, dict[str, float | str]] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -171,9 +271,33 @@ class ChatLogProbs(BaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -196,6 +320,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

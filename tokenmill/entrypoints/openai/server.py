@@ -25,19 +25,23 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
 from tokenmill.engine.metrics import PrometheusMetrics
+from tokenmill.entrypoints.openai import contract
 from tokenmill.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice,
-    CompletionLogProbs, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest,
-    DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-    UsageInfo)
+    CompletionLogProbs, CompletionRequest, CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
+    DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, FunctionCall, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse, ToolCall, UsageInfo)
+from tokenmill.entrypoints.openai.tool_parsers import (
+    PARSERS, TOOL_CALL_PARSERS, ParsedCall, ParsedOutput, ToolCallStream, required_schema)
+from tokenmill.errors import ParamError
 from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -68,6 +72,23 @@ def _client_param(e: ValueError, rename: dict[str, str]) -> str | None:
     it), as the client named it."""
     param = getattr(e, "param", None)
     return rename.get(param, param)
+
+
+def _renamed(message: str, param: str) -> str:
+    """A structured-outputs error message, led by the field the client used."""
+    if message.startswith("structured_outputs"):  # "structured_outputs.json is ...", "... must give"
+        return param + message.removeprefix("structured_outputs") if param == "structured_outputs" else \
+            f"{param}: {message}"
+    return f"{param}: {message}"
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _tool_finish_reason(mode: _ToolMode, finish_reason: str | None) -> str | None:
+    """ "tool_calls" when the model stopped having called tools (a named function: "stop", as OpenAI)."""
+    return "tool_calls" if finish_reason == "stop" and mode.kind != "named" else finish_reason
 
 
 def _hold_back(stop: str | list[str] | None) -> int:
@@ -106,13 +127,48 @@ class _ChoiceState:
         return text, tokens
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """What `tokenmill serve` adds to the engine: the API key, tool-call parsing and max_tokens caps."""
+    api_key: str | None = None
+    tool_call_parser: str | None = None  # how tool_choice "auto" reads calls (TOOL_CALL_PARSERS)
+    default_max_tokens: int | None = None  # a request that gives no max_tokens gets this
+    max_tokens_limit: int | None = None  # a request asking for more gets a 400
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        for name in ("default_max_tokens", "max_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.default_max_tokens and self.max_tokens_limit and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit "
+                             f"({self.max_tokens_limit})")
+
+
+@dataclass
+class _ToolMode:
+    """How a chat request's output is read: plain text, or tool calls (auto / required / named)."""
+    kind: str  # "text" | "auto" | "required" | "named"
+    name: str | None = None  # the named function
+
+    def parser(self, parser_name: str | None):
+        if self.kind == "named":
+            name = self.name
+            return lambda text, final: ParsedOutput("", [ParsedCall(name, text, final)])
+        return PARSERS["required" if self.kind == "required" else parser_name]
+
+
 class OpenAIServer:
     def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetrics | None = None,
-                 api_key: str | None = None) -> None:
+                 options: ServerOptions = ServerOptions()) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
-        self.api_key = api_key
+        self.options = options
+        self.api_key = options.api_key
         # NOTE: a private copy: Rust tokenizers must not be used from two threads at once.
         self.tokenizer = copy.deepcopy(engine.get_tokenizer())
         self.max_model_len = engine.config.max_model_len
@@ -132,10 +188,21 @@ class OpenAIServer:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> list[int]:
         rendered = []
         for i, m in enumerate(messages):
             msg = m.model_dump(exclude_none=True)
+            msg.setdefault("content", "")  # templates read it even where it may be null (tool calls)
+            for call in msg.get("tool_calls", []):
+                # Templates read an earlier call's arguments as a mapping; clients send JSON text.
+                fn = call.get("function")
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except ValueError:
+                        raise APIError(400, "an earlier tool call's arguments are not valid JSON",
+                                       param=f"messages.{i}.tool_calls") from None
             if isinstance(m.content, list):
                 parts = []
                 for j, part in enumerate(m.content):
@@ -146,12 +213,26 @@ class OpenAIServer:
                 msg["content"] = "\n".join(parts)
             rendered.append(msg)
         try:
-            text = self.tokenizer.apply_chat_template(rendered, tokenize=False,
+            text = self.tokenizer.apply_chat_template(rendered, tools=tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja TemplateError (e.g. raise_exception in the template), ValueError
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         # The template holds the special tokens (BOS etc.): don't add them twice.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def resolve_max_tokens(self, given: int | None, omitted_default: int | None, param: str) -> int | None:
+        """max_tokens as the engine gets it: the request's own (at most --max-tokens-limit, else a 400),
+        or when it gives none --default-max-tokens, else `omitted_default` (None: up to the context),
+        capped by the limit."""
+        limit = self.options.max_tokens_limit
+        if given is not None:
+            if limit is not None and given > limit:
+                raise APIError(400, f"{param} must be at most {limit} on this server, got {given}", param=param)
+            return given
+        value = self.options.default_max_tokens or omitted_default
+        if limit is not None:
+            value = limit if value is None else min(value, limit)
+        return value
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, prompt_param: str, max_tokens_param: str) -> None:
         if not ids:
@@ -166,8 +247,50 @@ class OpenAIServer:
                                 f"{max_tokens} for the completion). Reduce the prompt or {max_tokens_param}.",
                            param=max_tokens_param)
 
+    def structured_spec(self, body) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's constraint (response_format or structured_outputs) and the field it came in."""
+        fmt, so = body.response_format, body.structured_outputs
+        if so is not None and fmt is not None and fmt.type != "text":
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        param = "structured_outputs" if so is not None else "response_format"
+        try:
+            if so is not None:
+                return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                               json_object=so.json_object), param
+            if fmt is None or fmt.type == "text":
+                return None, None
+            if fmt.type == "json_object":
+                return StructuredOutputsParams(json_object=True), param
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format.json_schema is required with type json_schema",
+                               param="response_format.json_schema")
+            schema = fmt.json_schema.json_schema
+            if schema is True or schema == {}:  # any JSON value: any JSON object is what clients mean
+                return StructuredOutputsParams(json_object=True), param
+            return StructuredOutputsParams(json=schema), param
+        except ParamError as e:
+            raise APIError(400, _renamed(str(e), param), param=param) from None
+
+    async def compile_constraint(self, spec: StructuredOutputsParams | None, param: str | None) -> None:
+        """Compile (or find cached) the constraint's grammar before anything is queued: a bad spec, or
+        one that takes longer than --grammar-compile-timeout, is a 400 naming the field."""
+        if spec is None:
+            return
+        timeout = self.engine.config.grammar_compile_timeout
+        cache = await asyncio.to_thread(lambda: self.engine.engine.grammar_cache)
+        future = asyncio.wrap_future(cache.compile(spec))
+        try:
+            # NOTE: shielded: the compile is shared by every request with this spec, and cached.
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"{param}: compiling the {spec.key[0]} constraint took longer than {timeout:g} s",
+                           param=param) from None
+        except ParamError as e:
+            raise APIError(400, _renamed(str(e), param), param=param) from None
+
     def sampling_params(self, body, *, max_tokens: int | None, logprobs: int | None,
-                        names: dict[str, str]) -> SamplingParams:
+                        names: dict[str, str], structured_outputs: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
         if body.n > _MAX_N:
             raise APIError(400, f"n must be at most {_MAX_N}, got {body.n}", param="n")
         if logprobs is not None and logprobs > _MAX_LOGPROBS:
@@ -177,11 +300,12 @@ class OpenAIServer:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         try:
             return SamplingParams(
-                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k or -1, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, seed=body.seed, stop=body.stop,
                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, max_tokens=max_tokens,
-                min_tokens=body.min_tokens, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+                min_tokens=body.min_tokens, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+                structured_outputs=structured_outputs)
         except ValueError as e:
             param, message = _client_param(e, names), str(e)
             if param is not None and param != e.param:  # the message names the field the client sent
@@ -227,14 +351,22 @@ class OpenAIServer:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, f"best_of must equal n (only n samples are generated), got best_of="
                                 f"{body.best_of}, n={body.n}", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (it needs prompt logprobs)", param="echo")
+        max_tokens = self.resolve_max_tokens(body.max_tokens, 16, "max_tokens")
         prompts = []
         for p in body.prompt:
             prompt = _Prompt(p, self.tokenizer.encode(p) if p else []) if isinstance(p, str) else _Prompt(None, p)
             self.check_prompt(prompt.token_ids, body.max_tokens, "prompt", "max_tokens")
             prompts.append(prompt)
-        params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names={})
+        if body.max_tokens is None and max_tokens is not None:
+            # A server default that would not fit a prompt's context shrinks to what does.
+            max_tokens = min([max_tokens] + [self.max_model_len - len(p.token_ids) for p in prompts])
+        spec, spec_param = self.structured_spec(body)
+        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, names={},
+                                      structured_outputs=spec)
+        want_prompt = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
+        if want_prompt:
+            params = params.clone(prompt_logprobs=max(want_prompt))
+        await self.compile_constraint(spec, spec_param)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.add_requests(request_id, prompts, params, body, arrival_time, "prompt")
         echo_texts = [self._prompt_text(p) if body.echo else "" for p in prompts]
@@ -246,16 +378,43 @@ class OpenAIServer:
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
+                    if body.echo:
+                        logprobs = self._echo_logprobs(out, body.logprobs).extended(logprobs)
                 choices.append(CompletionChoice(
                     index=i * body.n + c.index, text=echo_texts[i] + c.text, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    logprobs=self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
-                    if body.logprobs is not None else None))
+                    stop_reason=c.stop_reason, logprobs=logprobs,
+                    prompt_logprobs=self._prompt_logprobs(out) if body.prompt_logprobs is not None else None))
         return JSONResponse(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                                usage=self.usage(prompts, finals)).model_dump())
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
+
+    def _prompt_logprobs(self, out: RequestOutput) -> list[dict[str, dict[str, float | str]] | None]:
+        return [None if lp is None else {str(t): {"logprob": v, "decoded_token": self.token_text(t)}
+                                         for t, v in lp.items()} for lp in out.prompt_logprobs]
+
+    def _echo_logprobs(self, out: RequestOutput, top_n: int) -> CompletionLogProbs:
+        """echo with logprobs: the prompt's tokens first (the first has no logprob, as OpenAI's)."""
+        result, offset = CompletionLogProbs(), 0
+        for tok, lp in zip(out.prompt_token_ids, out.prompt_logprobs):
+            text = self.token_text(tok)
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if lp is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(lp[tok])
+            # As for generated tokens: the token's own logprob and the top_n most likely.
+            top = sorted(lp.items(), key=lambda kv: -kv[1])
+            own = [kv for kv in top if kv[0] == tok]
+            result.top_logprobs.append({self.token_text(t): v for t, v in top[:top_n] + own})
+        return result
 
     def _completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                              offset: int) -> CompletionLogProbs:
@@ -275,6 +434,7 @@ class OpenAIServer:
         hold_back = _hold_back(body.stop)
         states = [[_ChoiceState(echo_texts[i]) for _ in range(body.n)] for i in range(len(prompts))]
         offsets = [[0] * body.n for _ in prompts]
+        echoed: set[tuple[int, int]] = set()
         finals: list[RequestOutput | None] = [None] * len(prompts)
         usage_opts = body.stream_options
         try:
@@ -288,11 +448,22 @@ class OpenAIServer:
                     text, tokens = delta
                     logprobs = None
                     if body.logprobs is not None:
+                        if body.echo and (i, c.index) not in echoed:
+                            echoed.add((i, c.index))
+                            echo = self._echo_logprobs(out, body.logprobs)
+                            offsets[i][c.index] = len(echo_texts[i])
+                        else:
+                            echo = None
                         logprobs = self._completion_logprobs(tokens, c.logprobs[len(c.logprobs) - len(tokens):],
                                                              offsets[i][c.index])
                         offsets[i][c.index] += sum(len(t) for t in logprobs.tokens)
-                    choices.append(CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                        if echo is not None:
+                            logprobs = echo.extended(logprobs)
+                    choice = CompletionChoice(index=i * body.n + c.index, text=text, logprobs=logprobs,
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    if body.prompt_logprobs is not None and c.finish_reason is not None:
+                        choice.prompt_logprobs = self._prompt_logprobs(out)
+                    choices.append(choice)
                 if choices:
                     chunk = CompletionResponse(id=request_id, created=created, model=self.model_name,
                                                choices=choices)
@@ -315,36 +486,58 @@ class OpenAIServer:
     async def create_chat_completion(self, body: ChatCompletionRequest, raw: Request) -> Response:
         arrival_time = time.time()
         self.check_model(body.model)
-        if body.tools or body.functions:
-            raise APIError(400, "tools / function calling is not supported",
-                           param="tools" if body.tools else "functions")
-        if body.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported", param="tool_choice")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported", param="response_format")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if body.functions:
+            raise APIError(400, "functions is not supported: use tools", param="functions")
+        mode = self.tool_mode(body)
+        if body.max_completion_tokens is not None and body.max_tokens is not None:
+            self.resolve_max_tokens(body.max_tokens, None, "max_tokens")  # both are bounded by the limit
         max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        ids = self.render_chat(body.messages, body.add_generation_prompt)
+        given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = self.resolve_max_tokens(given, None, max_tokens_param)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        ids = self.render_chat(body.messages, body.add_generation_prompt, tools)
         prompt = _Prompt(None, ids)
-        self.check_prompt(ids, max_tokens, "messages", max_tokens_param)
+        self.check_prompt(ids, given, "messages", max_tokens_param)
+        if given is None and max_tokens is not None:
+            max_tokens = min(max_tokens, self.max_model_len - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
-        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, names=names)
+        spec, spec_param = self.structured_spec(body)
+        if mode.kind in ("required", "named"):
+            if spec is not None:
+                raise APIError(400, f"tool_choice {mode.kind!r} constrains the output itself: drop {spec_param}",
+                               param=spec_param)
+            functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
+            schema = required_schema(functions, body.parallel_tool_calls) if mode.kind == "required" else \
+                next(f.get("parameters") or {"type": "object"} for f in functions if f["name"] == mode.name)
+            spec, spec_param = self.structured_spec_of(schema, "tools")
+        params = self.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, names=names,
+                                      structured_outputs=spec)
+        if mode.kind == "auto" and self.options.tool_call_parser in ("llama3_json", "mistral"):
+            params = params.clone(skip_special_tokens=False)  # their markers are special tokens
+        await self.compile_constraint(spec, spec_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.add_requests(request_id, [prompt], params, body, arrival_time, "messages")
         top_n = body.top_logprobs or 0
         if body.stream:
-            return _EventStream(self._chat_stream(request_id, body, prompt, streams[0], top_n), streams)
+            return _EventStream(self._chat_stream(request_id, body, prompt, streams[0], top_n, mode), streams)
         finals = await _collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
         out = finals[0]
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                              logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None)
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+            if mode.kind != "text":
+                parsed = mode.parser(self.options.tool_call_parser)(c.text, True)
+                calls = [ToolCall(id=_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
+                         for call in parsed.calls if call.name is not None and call.complete]
+                if calls:
+                    message = ChatResponseMessage(content=parsed.content or None, tool_calls=calls)
+                    finish_reason = _tool_finish_reason(mode, c.finish_reason)
+            choices.append(ChatChoice(
+                index=c.index, message=message, finish_reason=finish_reason, stop_reason=c.stop_reason,
+                logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None))
         return JSONResponse(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                                    usage=self.usage([prompt], finals)).model_dump())
 
@@ -360,11 +553,43 @@ class OpenAIServer:
                               for t, v in top]))
         return ChatLogProbs(content=content)
 
+    def tool_mode(self, body: ChatCompletionRequest) -> _ToolMode:
+        choice = body.tool_choice
+        if not body.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools", param="tool_choice")
+            return _ToolMode("text")
+        if choice == "none":
+            return _ToolMode("text")
+        if choice is None or choice == "auto":
+            if self.options.tool_call_parser is None:
+                if choice is None:
+                    return _ToolMode("text")  # tools shown to the model, its text returned as it is
+                raise APIError(400, 'tool_choice "auto" needs a server started with --tool-call-parser',
+                               param="tool_choice")
+            return _ToolMode("auto")
+        if choice == "required":
+            return _ToolMode("required")
+        names = [t.function.name for t in body.tools]
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not among "
+                                f"the tools ({', '.join(names)})", param="tool_choice.function.name")
+        return _ToolMode("named", choice.function.name)
+
+    def structured_spec_of(self, schema: dict, param: str) -> tuple[StructuredOutputsParams, str]:
+        try:
+            return StructuredOutputsParams(json=schema), param
+        except ParamError as e:
+            raise APIError(400, _renamed(str(e), param), param=param) from None
+
     async def _chat_stream(self, request_id: str, body: ChatCompletionRequest, prompt: _Prompt,
-                           stream: RequestStream, top_n: int) -> AsyncIterator[str]:
+                           stream: RequestStream, top_n: int, mode: _ToolMode) -> AsyncIterator[str]:
         created = int(time.time())
         hold_back = _hold_back(body.stop)
         states = [_ChoiceState() for _ in range(body.n)]
+        tool_streams = [ToolCallStream(mode.parser(self.options.tool_call_parser)) if mode.kind != "text" else None
+                        for _ in range(body.n)]
+        call_ids: dict[tuple[int, int], str] = {}
         usage_opts = body.stream_options
         final: RequestOutput | None = None
 
@@ -386,8 +611,17 @@ class OpenAIServer:
                     if delta is None:
                         continue
                     text, tokens = delta
-                    choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text),
-                                              finish_reason=c.finish_reason)
+                    message, finish_reason = DeltaMessage(content=text), c.finish_reason
+                    tools = tool_streams[c.index]
+                    if tools is not None:
+                        content, calls = tools.advance(c.text[:states[c.index].num_chars], c.finish_reason is not None)
+                        message = DeltaMessage(content=content) if content or not calls else DeltaMessage()
+                        if calls:
+                            message.tool_calls = [self._delta_call(c.index, i, name, piece, call_ids)
+                                                  for i, name, piece in calls]
+                        if call_ids and c.finish_reason is not None:
+                            finish_reason = _tool_finish_reason(mode, c.finish_reason)
+                    choice = ChatStreamChoice(index=c.index, delta=message, finish_reason=finish_reason)
                     if c.finish_reason is not None:
                         choice.stop_reason = c.stop_reason
                     if body.logprobs:
@@ -407,6 +641,16 @@ class OpenAIServer:
         finally:
             stream.abort()
 
+    @staticmethod
+    def _delta_call(choice: int, index: int, name: str | None, piece: str,
+                    call_ids: dict[tuple[int, int], str]) -> DeltaToolCall:
+        """A tool-call delta: the first of a call carries its id, type and name, the rest arguments."""
+        if name is not None:
+            call_ids[choice, index] = _call_id()
+            return DeltaToolCall(index=index, id=call_ids[choice, index], type="function",
+                                 function=DeltaFunctionCall(name=name, arguments=piece))
+        return DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=piece))
+
     # ---- tokenizer endpoints --------------------------------------------------------------------
 
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -414,7 +658,8 @@ class OpenAIServer:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            ids = self.render_chat(body.messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            ids = self.render_chat(body.messages, body.add_generation_prompt, tools)
         else:
             ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids)
@@ -519,8 +764,9 @@ async def _unless_disconnected(aw: Awaitable, raw: Request):
 # ---- the app ---------------------------------------------------------------------------------------
 
 def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetrics | None = None,
-              api_key: str | None = None) -> FastAPI:
-    server = OpenAIServer(engine, model_name, metrics, api_key)
+              options: ServerOptions = ServerOptions()) -> FastAPI:
+    server = OpenAIServer(engine, model_name, metrics, options)
+    api_key = options.api_key
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -546,7 +792,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        # The most specific error: of a union's members, the one that got furthest into the value.
+        err = max(e.errors(), key=lambda er: len(er.get("loc", ()))) if e.errors() else \
+            {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(p) for p in err.get("loc", ())[1:] if not _is_union_tag(p)]
         if err.get("type") == "json_invalid":
             reason = err.get("ctx", {}).get("error", err["msg"])
@@ -559,7 +807,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail))
+        response = error_response(e.status_code, str(e.detail))
+        response.headers.update(e.headers or {})  # 405: Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
@@ -567,40 +817,44 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     auth = [Depends(check_api_key)]
+    errors = contract.error_responses(api_key is not None)
 
-    @app.get("/health")
+    @app.get("/health", response_model=contract.Health, responses=contract.only(errors, 503))
     async def health() -> Response:
         if not engine.is_running:
             return error_response(503, f"the engine is not running ({engine.error or 'stopped'})")
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=contract.PLAIN_TEXT)
     async def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.render() if metrics else b"", media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=contract.only(errors, 401))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, root=str(engine.config.model or model_name),
                                          max_model_len=server.max_model_len)])
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
+              responses=contract.streaming(errors))
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await server.create_completion(body, raw)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
+              responses=contract.streaming(errors))
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await server.create_chat_completion(body, raw)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, responses=contract.only(errors, 400, 401, 404))
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return server.tokenize(body)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, responses=contract.only(errors, 400, 401, 404))
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         return server.detokenize(body)
 
+    contract.install_openapi(app, server)
     return app
 
 
@@ -609,8 +863,9 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
-def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               served_model_name: str | None = None, log_level: str = "info") -> None:
+def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
+               options: ServerOptions = ServerOptions(), served_model_name: str | None = None,
+               log_level: str = "info") -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -618,7 +873,7 @@ def run_server(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000, a
     model_name = served_model_name or engine_kwargs.get("model") or "SmolLM2-135M-Instruct"
     metrics = PrometheusMetrics(model_name, engine.stats)
     engine.listener = metrics
-    app = build_app(engine, model_name, metrics, api_key)
+    app = build_app(engine, model_name, metrics, options)
     logger.info("serving %s on http://%s:%d (max_model_len %d, %d KV blocks)", model_name, host, port,
                 engine.config.max_model_len, engine.stats().scheduler.num_total_blocks)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
