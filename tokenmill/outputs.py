@@ -65,3 +65,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None  # prompt tokens not computed here (prefix-cache hits, loaded KV)

@@ -13,8 +13,8 @@ Glossary (one meaning per name, used everywhere):
                        changed only by the KVCacheManager (as are block_hashes,
                        num_registered_blocks and swapped_block_ids).
 
-One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status
-and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
+One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status,
+num_cached_tokens and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
 block fields above, reporting what it found (cached blocks) for the scheduler to count.
 """
 from __future__ import annotations
@@ -90,6 +90,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # Prompt tokens whose KV was not computed here at first admission (prefix-cache hits, and KV
+        # loaded from a prefill instance): usage.prompt_tokens_details.cached_tokens. None until admitted.
+        self.num_cached_tokens: int | None = None
         self.times = RequestTimes(arrival_time if arrival_time is not None else time.time())
 
         # NOTE: one generator per seeded request, advanced only by this request's own draws, so a

@@ -323,6 +323,8 @@ class Scheduler:
                     break
                 req.num_computed_tokens += num_cached
                 self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = num_cached
             self.policy.pop()
             self._start_running(req)
             self._schedule_tokens(req, num_new, out)

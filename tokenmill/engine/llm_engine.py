@@ -297,7 +297,7 @@ class LLMEngine:
             for req in parent.children:
                 self._detokenizers.pop(req.request_id, None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             RequestMetrics.of(parent.children))
+                             RequestMetrics.of(parent.children), parent.children[0].num_cached_tokens)
 
     # ---- state -------------------------------------------------------------------------------
 

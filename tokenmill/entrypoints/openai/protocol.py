@@ -127,10 +127,15 @@ class DetokenizeRequest(_Request):
 
 # ---- responses --------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache) or loaded (P/D)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogProbs(BaseModel):

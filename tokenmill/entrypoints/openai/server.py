@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import secrets
@@ -34,8 +35,8 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse, ChatLogProb,
     ChatLogProbs, ChatLogProbsContent, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice,
     CompletionLogProbs, CompletionRequest, CompletionResponse, DeltaMessage, DetokenizeRequest,
-    DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-    UsageInfo)
+    DetokenizeResponse, ErrorInfo, ErrorResponse, ModelCard, ModelList, PromptTokensDetails, TokenizeRequest,
+    TokenizeResponse, UsageInfo)
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -214,8 +215,10 @@ class OpenAIServer:
     def usage(self, prompts: list[_Prompt], finals: list[RequestOutput]) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         completion_tokens = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        cached_tokens = sum(out.num_cached_tokens or 0 for out in finals if out is not None)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
     # ---- /v1/completions ------------------------------------------------------------------------
 
@@ -235,7 +238,7 @@ class OpenAIServer:
             self.check_prompt(prompt.token_ids, body.max_tokens, "prompt", "max_tokens")
             prompts.append(prompt)
         params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, names={})
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(raw, "cmpl")
         streams = await self.add_requests(request_id, prompts, params, body, arrival_time, "prompt")
         echo_texts = [self._prompt_text(p) if body.echo else "" for p in prompts]
         if body.stream:
@@ -332,7 +335,7 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         names = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
         params = self.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, names=names)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(raw, "chatcmpl")
         streams = await self.add_requests(request_id, [prompt], params, body, arrival_time, "messages")
         top_n = body.top_logprobs or 0
         if body.stream:
@@ -429,6 +432,13 @@ class OpenAIServer:
 
 
 # ---- streams ----------------------------------------------------------------------------------------
+
+def _request_id(raw: Request, prefix: str) -> str:
+    """The id of a request (and of its response): the client's X-Request-Id (a router's, so one request
+    has one id on every instance it passes through) under the OpenAI prefix, as vLLM names it."""
+    given = raw.headers.get("x-request-id")
+    return f"{prefix}-{given}" if given else f"{prefix}-{uuid.uuid4().hex}"
+
 
 class _EventStream(StreamingResponse):
     """Server-sent events that abort their requests however the response ends (done, disconnect,
@@ -573,6 +583,41 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
         if not engine.is_running:
             return error_response(503, f"the engine is not running ({engine.error or 'stopped'})")
         return Response(status_code=200)
+
+    @app.middleware("http")
+    async def echo_request_id(request: Request, call_next):
+        response = await call_next(request)
+        given = request.headers.get("x-request-id")
+        if given is not None:
+            response.headers["X-Request-Id"] = given
+        return response
+
+    def load() -> int:
+        s = engine.stats().scheduler
+        return s.num_running + s.num_waiting + s.num_swapped
+
+    @app.get("/get_load")
+    async def get_load() -> dict:
+        """SGLang's load report (vllm-router's power_of_two polls it): requests running or waiting."""
+        return {"load": load()}
+
+    @app.get("/load")
+    async def vllm_load() -> dict:
+        """vLLM's load report."""
+        return {"server_load": load()}
+
+    @app.get("/get_server_info", dependencies=auth)
+    async def get_server_info() -> dict:
+        """The resolved engine configuration and the KV cache's size (what a router or operator asks)."""
+        stats = engine.stats()
+        return {**dataclasses.asdict(engine.config), "served_model_name": model_name,
+                "model_path": str(engine.config.model or model_name),
+                "num_kv_blocks": stats.scheduler.num_total_blocks}
+
+    @app.get("/get_model_info", dependencies=auth)
+    async def get_model_info() -> dict:
+        return {"model_path": str(engine.config.model or model_name), "served_model_name": model_name,
+                "is_generation": True, "max_model_len": server.max_model_len}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
