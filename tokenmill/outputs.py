@@ -66,3 +66,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None  # prompt tokens not computed here (prefix-cache hits, loaded KV)
+    kv_transfer_params: dict | None = None  # a prefill instance's: where a decode instance pulls the KV
+    error: str | None = None  # set when the request failed (finish_reason "abort") for this reason

@@ -51,6 +51,7 @@ class _SamplingRequest(_Request):
     priority: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    kv_transfer_params: dict | None = None  # vLLM's prefill/decode disaggregation (NixlConnector protocol)
 
     _nulls = _null_means_default("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                                  "min_p", "repetition_penalty", "min_tokens", "priority", "skip_special_tokens",
@@ -160,6 +161,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    kv_transfer_params: dict | None = None  # a prefill instance's: where to pull the prompt's KV from
 
 
 class ChatLogProb(BaseModel):
@@ -196,6 +198,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: dict | None = None  # a prefill instance's: where to pull the prompt's KV from
 
 
 class DeltaMessage(BaseModel):

@@ -198,7 +198,8 @@ class OpenAIServer:
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(await self.engine.add_request(
                     rid, {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, priority=body.priority,
-                    tenant=body.user or "default", arrival_time=arrival_time))
+                    tenant=body.user or "default", arrival_time=arrival_time,
+                    kv_transfer_params=body.kv_transfer_params if len(prompts) == 1 else None))
         except BaseException as e:
             for s in streams:
                 s.abort()
@@ -246,6 +247,7 @@ class OpenAIServer:
         finals = await _collect(streams, raw)
         if finals is None:
             return Response(status_code=499)  # the client left; its requests were aborted
+        _raise_failed(finals)
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
@@ -255,7 +257,8 @@ class OpenAIServer:
                     logprobs=self._completion_logprobs(c.token_ids, c.logprobs, len(echo_texts[i]))
                     if body.logprobs is not None else None))
         return JSONResponse(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                               usage=self.usage(prompts, finals)).model_dump())
+                                               usage=self.usage(prompts, finals),
+                                               kv_transfer_params=finals[0].kv_transfer_params).model_dump())
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
@@ -282,6 +285,9 @@ class OpenAIServer:
         usage_opts = body.stream_options
         try:
             async for i, out in _merge(streams):
+                if out.error is not None:
+                    yield f"data: {json.dumps(error_body(500, out.error, code='kv_transfer_failed'))}\n\n"
+                    return
                 finals[i] = out
                 choices = []
                 for c in out.outputs:
@@ -343,13 +349,15 @@ class OpenAIServer:
         finals = await _collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
+        _raise_failed(finals)
         out = finals[0]
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                               logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None)
                    for c in out.outputs]
         return JSONResponse(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                                   usage=self.usage([prompt], finals)).model_dump())
+                                                   usage=self.usage([prompt], finals),
+                                                   kv_transfer_params=out.kv_transfer_params).model_dump())
 
     def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                        top_n: int) -> ChatLogProbs:
@@ -382,6 +390,9 @@ class OpenAIServer:
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
                                           finish_reason=None) for i in range(body.n)])
             async for out in stream:
+                if out.error is not None:
+                    yield f"data: {json.dumps(error_body(500, out.error, code='kv_transfer_failed'))}\n\n"
+                    return
                 final = out
                 choices = []
                 for c in out.outputs:
@@ -432,6 +443,13 @@ class OpenAIServer:
 
 
 # ---- streams ----------------------------------------------------------------------------------------
+
+def _raise_failed(finals: list[RequestOutput]) -> None:
+    """A request the engine failed (a KV pull under --kv-load-failure-policy fail) answers 500."""
+    failed = next((out for out in finals if out.error is not None), None)
+    if failed is not None:
+        raise APIError(500, failed.error, code="kv_transfer_failed")
+
 
 def _request_id(raw: Request, prefix: str) -> str:
     """The id of a request (and of its response): the client's X-Request-Id (a router's, so one request
