@@ -9,58 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Server, TokenIds, free_port
+from helpers import Router, Server, TokenIds
 
 from tokenmill import LLM, SamplingParams
 
 MAX_LEN = 1024
 ENGINE_ARGS = ["--dtype", "float32", "--kv-cache-memory", str(32 << 20), "--max-model-len", str(MAX_LEN)]
 ids = TokenIds(12)
-ROUTER_BIN = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
-
-
-class Router:
-    """`vllm-router` over the given worker URLs (or in P/D mode with `pd`)."""
-
-    def __init__(self, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        # NOTE: a free Prometheus port too: its default (29000) would clash between routers.
-        cmd = [ROUTER_BIN, "--host", "127.0.0.1", "--port", str(self.port), "--prometheus-port",
-               str(free_port()), "--worker-startup-check-interval", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60.0) -> "Router":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"router not ready after {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def served(server: Server) -> float:
