@@ -30,6 +30,13 @@ N+1 is wasted and its sample dropped by the engine.
 So decodes always come before new prompts, and a long prompt is cut to the budget left over
 (chunked prefill) instead of stalling the decodes of others.
 
+Prefill/decode disaggregation. A producer's request that finishes normally keeps its blocks, leased
+to a decode instance (kv_leases) until release_lease. A consumer's request with a remote prefill is
+admitted into blocks for all but its last prompt token (its cached prefix reused, the new blocks not
+entered in the prefix cache yet) and waits for the pull in waiting_for_remote_kv, holding no batch
+slot; kv_load_finished then queues it again with those tokens computed, so it recomputes the last
+prompt token and samples its first output itself (or, on failure, computes the prompt or fails).
+
 Preemption is `recompute` (free the blocks, num_computed_tokens = 0, wait again) or `swap` (copy the
 blocks to host memory, free them, wait with the same progress and copy them back when admitted
 again; recompute when the host space is full).
