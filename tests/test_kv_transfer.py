@@ -218,6 +218,27 @@ def test_fail_policy_and_abort_while_pulling(tiny_llama_dir):
         cons.close()
 
 
+def test_one_instance_in_both_roles_pulls_from_itself(tiny_llama_dir, engines):
+    """--kv-role both: a router may send a request's prefill and its decode to the same instance, under
+    the same id; the lease and the decoding request live side by side."""
+    _, _, mono = engines
+    both = LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_role="both", kv_port=free_port(),
+                                  **{**BASE, "enable_prefix_caching": False}))
+    try:
+        prompt = ids(45)
+        mono.add_request("ref", {"prompt_token_ids": prompt}, greedy(9))
+        expected = run(mono)["ref"].outputs[0].token_ids
+        params = prefill(both, "same", prompt)
+        both.add_request("same", {"prompt_token_ids": prompt}, greedy(9), kv_transfer_params=params)
+        out = run(both)["same"]
+        assert out.outputs[0].token_ids == expected and out.num_cached_tokens == 44
+        settle(both)
+        assert both.stats().kv_transfer.blocks_sent == 3 and both.num_used_blocks == 0
+        both.check_integrity()
+    finally:
+        both.close()
+
+
 def test_kv_transfer_params_parsing():
     assert parse_kv_transfer_params(None) == (False, None)
     assert parse_kv_transfer_params(REMOTE_DECODE) == (True, None)

@@ -209,7 +209,10 @@ class Scheduler:
             if not self._remove_pending_fork(request):
                 self.policy.remove(request)
         request.status = status
-        keep = request.remote_decode and status != RequestStatus.FINISHED_ABORTED and bool(request.block_ids)
+        # NOTE: one lease per id: a second request of the same id while the first's lease lives is not
+        # leased (its answer carries no kv_transfer_params, so its decode instance computes the prompt).
+        keep = (request.remote_decode and status != RequestStatus.FINISHED_ABORTED and bool(request.block_ids)
+                and request.request_id not in self.kv_leases)
         if keep:
             self.kv_leases[request.request_id] = request
         else:

@@ -96,7 +96,7 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input.
         kv_transfer_params: vLLM's (prefill/decode disaggregation): keep the prompt's KV for a decode
         instance, or pull it from a prefill instance."""
-        if request_id in self._parents or request_id in self.scheduler.kv_leases:
+        if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         params = self._finalize_params(sampling_params or SamplingParams(), len(token_ids))
