@@ -46,7 +46,9 @@ def recv_exact(sock: socket.socket, buf: memoryview, deadline: float | None = No
             if left <= 0:
                 raise KVTransferError("the KV transfer timed out")
             sock.settimeout(left)
-        n = sock.recv_into(buf[got:])
+        # MSG_WAITALL: the kernel fills the buffer (or times out) without a return to Python, and a
+        # return to the GIL, per packet; a loop over the engine's busy GIL would crawl.
+        n = sock.recv_into(buf[got:], 0, socket.MSG_WAITALL)
         if n == 0:
             raise KVTransferError(f"the peer closed the connection after {got} of {len(buf)} bytes")
         got += n
