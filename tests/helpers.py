@@ -3,10 +3,18 @@ Scheduler built from a few knobs and driven by a fake model, and the Hugging Fac
 """
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
@@ -175,3 +183,91 @@ def _hf_generate(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, ig
 def free_hf_models() -> None:
     """Drop the loaded transformers models (the references computed stay)."""
     _HF_MODELS.clear()
+
+
+# ---- server processes --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`tokenmill serve --model model_dir --port <free> *args` in a subprocess; `url` once /health answers."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(model_dir),
+               "--port", str(self.port), *args]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_ready(self, timeout: float = 120.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def metrics(self) -> dict[tuple[str, str | None], float]:
+        text = httpx.get(f"{self.url}/metrics").text
+        return {(s.name, s.labels.get("finished_reason")): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+ROUTER_BIN = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+
+
+class Router:
+    """`vllm-router` over the given worker URLs (or in P/D mode with `pd`)."""
+
+    def __init__(self, log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        # NOTE: a free Prometheus port too: its default (29000) would clash between routers.
+        cmd = [ROUTER_BIN, "--host", "127.0.0.1", "--port", str(self.port), "--prometheus-port",
+               str(free_port()), "--worker-startup-check-interval", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> "Router":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"router not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()

@@ -8,18 +8,12 @@ alone or among 64 concurrent streams.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from helpers import TokenIds
+from helpers import Server, TokenIds
 
 from tokenmill import LLM, SamplingParams
 
@@ -29,59 +23,12 @@ ids = TokenIds(11)
 _rng = ids.rng
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`tokenmill serve` in a subprocess; `url` once /health answers."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--model", str(model_dir),
-               "--port", str(self.port), *ENGINE_ARGS, *extra]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self, timeout: float = 120.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-    def metrics(self) -> dict[tuple[str, str | None], float]:
-        text = httpx.get(f"{self.url}/metrics").text
-        return {(s.name, s.labels.get("finished_reason")): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_llama_dir, tmp_path_factory):
     """Both servers start at once (startup is mostly imports and loading, on 2 cores)."""
     logs = tmp_path_factory.mktemp("server-logs")
-    main = Server(tiny_llama_dir, logs / "main.log")
-    guarded = Server(tiny_llama_dir, logs / "guarded.log", "--api-key", "sesame", "--max-num-seqs", "1",
+    main = Server(tiny_llama_dir, logs / "main.log", *ENGINE_ARGS)
+    guarded = Server(tiny_llama_dir, logs / "guarded.log", *ENGINE_ARGS, "--api-key", "sesame", "--max-num-seqs", "1",
                      "--max-queued-requests", "1", "--served-model-name", "tiny")
     try:
         yield main.wait_ready(), guarded.wait_ready()
@@ -130,6 +77,10 @@ def wait_idle(server: Server, timeout: float = 10.0) -> dict:
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 
+def _counts(usage) -> tuple[int, int, int]:
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 # ---- basics --------------------------------------------------------------------------------------
 
 def test_models_health_tokenize_detokenize(server, client, model, tiny_llama_dir):
@@ -168,7 +119,9 @@ def test_completion_streaming_equals_non_streaming(client, model):
     assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
-    assert not chunks[-1].choices and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # The same prompt again: its first full block (16 tokens) comes from the prefix cache.
+    assert not chunks[-1].choices and _counts(chunks[-1].usage) == _counts(full.usage)
+    assert (full.usage.prompt_tokens_details.cached_tokens, chunks[-1].usage.prompt_tokens_details.cached_tokens) == (0, 16)
     assert all(c.usage is None for c in text_chunks)
 
 
@@ -182,7 +135,9 @@ def test_chat_streaming_equals_non_streaming(client, model):
     assert stream[0].choices[0].delta.role == "assistant"
     assert all(c.choices[0].delta.role is None for c in stream[1:] if c.choices)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full.choices[0].message.content
-    assert stream[-1].usage.model_dump() == full.usage.model_dump()
+    cached = (full.usage.prompt_tokens - 1) // 16 * 16  # full blocks before the last token: cached
+    assert _counts(stream[-1].usage) == _counts(full.usage)
+    assert stream[-1].usage.prompt_tokens_details.cached_tokens == cached
     assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
 
 

@@ -95,8 +95,29 @@ class EngineConfig:
     grammar_cache_size: int = _knob(128, "structured outputs: compiled grammars kept (least recently used dropped)")
     # Serving
     max_queued_requests: int | None = _knob(None, "serve: answer 503 while this many requests wait to be scheduled")
+    # Prefill/decode disaggregation (vLLM's kv_transfer_params; see tokenmill/distributed/kv_transfer)
+    kv_role: str | None = _knob(None, "take part in KV transfer: producer (a prefill instance: keeps a prompt's "
+                                "KV for a decode instance), consumer (a decode instance: pulls it), or both",
+                                choices=("producer", "consumer", "both"))
+    kv_host: str = _knob("127.0.0.1", "producer: the address its KV port binds and that it tells consumers")
+    kv_port: int | None = _knob(None, "producer: the TCP port consumers pull KV blocks from (default: a free one)")
+    kv_lease_timeout: float = _knob(30.0, "producer: seconds a finished prompt's blocks wait for their consumer "
+                                    "before they are freed")
+    kv_load_timeout: float = _knob(10.0, "consumer: seconds a KV pull may take before it is given up")
+    kv_load_failure_policy: str = _knob("recompute", "consumer: when a KV pull fails, compute the prompt here "
+                                        "(recompute) or fail the request (fail)", choices=("recompute", "fail"))
 
     def __post_init__(self) -> None:
+        if self.kv_role not in (None, "producer", "consumer", "both"):
+            raise ValueError(f"kv_role must be 'producer', 'consumer', 'both' or None, got {self.kv_role!r}")
+        if self.kv_port is not None and (not isinstance(self.kv_port, int) or not 0 <= self.kv_port < 65536):
+            raise ValueError(f"kv_port must be a TCP port (0-65535) or None, got {self.kv_port!r}")
+        for name in ("kv_lease_timeout", "kv_load_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (seconds), got {getattr(self, name)!r}")
+        if self.kv_load_failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"kv_load_failure_policy must be 'recompute' or 'fail', got "
+                             f"{self.kv_load_failure_policy!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.dtype == "float16":

@@ -68,3 +68,6 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per token
     # ({token_id: logprob}: the prompt's own token and the top ones), complete once the prompt is.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int | None = None  # prompt tokens not computed here (prefix-cache hits, loaded KV)
+    kv_transfer_params: dict | None = None  # a prefill instance's: where a decode instance pulls the KV
+    error: str | None = None  # set when the request failed (finish_reason "abort") for this reason

@@ -13,8 +13,8 @@ Glossary (one meaning per name, used everywhere):
                        changed only by the KVCacheManager (as are block_hashes,
                        num_registered_blocks and swapped_block_ids).
 
-One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status
-and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
+One writer per field: the Scheduler alone changes num_computed_tokens, num_pending_tokens, status,
+num_cached_tokens, num_loading_tokens, remote_prefill and num_preemptions (and, through append_token, the token lists); the KVCacheManager only the
 block fields above, reporting what it found (cached blocks) for the scheduler to count.
 """
 from __future__ import annotations
@@ -25,12 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.distributed.kv_transfer.params import RemotePrefill
 from tokenmill.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its structured-output grammar is compiling (engine-held)
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # its prompt's KV is being pulled from a prefill instance
     RUNNING = "running"
     SWAPPED = "swapped"  # preempted with its KV copied to host memory
     FINISHED_STOPPED = "stop"
@@ -70,7 +72,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  *, prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
                  parent_id: str | None = None, index: int = 0, tenant: str = "default",
-                 status: RequestStatus = RequestStatus.WAITING) -> None:
+                 status: RequestStatus = RequestStatus.WAITING, remote_decode: bool = False,
+                 remote_prefill: RemotePrefill | None = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -95,6 +98,16 @@ class Request:
         self.grammar = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # Prompt tokens whose KV was not computed here at first admission (prefix-cache hits, and KV
+        # loaded from a prefill instance): usage.prompt_tokens_details.cached_tokens. None until admitted.
+        self.num_cached_tokens: int | None = None
+        # Prefill/decode disaggregation: keep the prompt's blocks for a decode instance when done
+        # (remote_decode), or pull them from a prefill instance first (remote_prefill, cleared by the
+        # scheduler once pulled or given up). num_loading_tokens: tokens whose KV is being written into
+        # its blocks by a pull (they hold blocks but are not computed yet).
+        self.remote_decode = remote_decode
+        self.remote_prefill = remote_prefill
+        self.num_loading_tokens = 0
         self.times = RequestTimes(arrival_time if arrival_time is not None else time.time())
 
         # NOTE: one generator per seeded request, advanced only by this request's own draws, so a

@@ -99,7 +99,8 @@ class KVCacheManager:
         idx = request.num_computed_tokens // self.block_size
         return idx < len(request.block_ids) and self.pool.ref_cnt[request.block_ids[idx]] > 1
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = (),
+                       register: bool = True) -> bool:
         """Give `request` room for `num_new_tokens` more computed tokens; False (and no change) if
         blocks ran out. `cached_blocks` (from find_cached_prefix, for a request that holds no
         blocks yet) become its first blocks; the new tokens come after their tokens, which the
@@ -124,8 +125,13 @@ class KVCacheManager:
             request.block_ids[idx] = dst
         if num_new:
             request.block_ids.extend(self.pool.allocate(num_new))
-        self._register_full_blocks(request, total)
+        if register:  # not for blocks a KV pull will fill: none may hit them in the cache before
+            self._register_full_blocks(request, total)
         return True
+
+    def register_computed(self, request: Request) -> None:
+        """Enter the request's full computed blocks in the prefix cache (after a KV pull filled them)."""
+        self._register_full_blocks(request, request.num_computed_tokens)
 
     def record_prefix_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:
@@ -200,7 +206,7 @@ class KVCacheManager:
                 if req.block_ids or len(req.swapped_block_ids) != expected:
                     raise AssertionError(f"{req} is swapped but holds device blocks or the wrong host blocks")
                 continue
-            expected = cdiv(req.num_computed_tokens, self.block_size)
+            expected = cdiv(req.num_computed_tokens + req.num_loading_tokens, self.block_size)
             if len(req.block_ids) != expected:
                 raise AssertionError(f"{req} has {len(req.block_ids)} blocks for "
                                      f"{req.num_computed_tokens} computed tokens")

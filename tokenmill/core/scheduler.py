@@ -30,6 +30,13 @@ N+1 is wasted and its sample dropped by the engine.
 So decodes always come before new prompts, and a long prompt is cut to the budget left over
 (chunked prefill) instead of stalling the decodes of others.
 
+Prefill/decode disaggregation. A producer's request that finishes normally keeps its blocks, leased
+to a decode instance (kv_leases) until release_lease. A consumer's request with a remote prefill is
+admitted into blocks for all but its last prompt token (its cached prefix reused, the new blocks not
+entered in the prefix cache yet) and waits for the pull in waiting_for_remote_kv, holding no batch
+slot; kv_load_finished then queues it again with those tokens computed, so it recomputes the last
+prompt token and samples its first output itself (or, on failure, computes the prompt or fails).
+
 Preemption is `recompute` (free the blocks, num_computed_tokens = 0, wait again) or `swap` (copy the
 blocks to host memory, free them, wait with the same progress and copy them back when admitted
 again; recompute when the host space is full).
@@ -44,6 +51,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import SchedulingPolicy, make_policy
+from tokenmill.distributed.kv_transfer.base import KVLoad
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
@@ -82,6 +90,7 @@ class SchedulerStats:
     num_running: int
     num_waiting: int  # waiting to start or resume: new, recompute-preempted, samples not yet forked
     num_swapped: int  # preempted with their KV in host memory (not counted in num_waiting)
+    num_waiting_for_remote_kv: int  # pulling their prompt's KV from a prefill instance (no batch slot)
     num_used_blocks: int
     num_free_blocks: int
     num_cached_blocks: int  # free blocks that still hold a reusable prefix
@@ -112,6 +121,8 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # device -> host
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # device -> device
+    # KV pulls to start (prefill/decode disaggregation): into blocks just allocated for them.
+    kv_loads: list[KVLoad] = field(default_factory=list)
     # The queues and the cache right after this decision (what the step trace records).
     stats: SchedulerStats | None = None
 
@@ -133,7 +144,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled and not self.has_block_ops
+        return not self.scheduled and not self.has_block_ops and not self.kv_loads
 
 
 class Scheduler:
@@ -155,6 +166,13 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self._preempted_only_for_waiting = False
+        # Prefill/decode disaggregation. Consumer: requests whose prompt KV is being pulled (blocks
+        # allocated, no batch slot), and aborted ones whose pull has not ended (their blocks are
+        # written to until it does). Producer: finished requests whose blocks are leased to a consumer.
+        self.kv_load_failure_policy = config.kv_load_failure_policy
+        self.waiting_for_remote_kv: dict[str, Request] = {}
+        self._aborted_loads: dict[str, Request] = {}
+        self.kv_leases: dict[str, Request] = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig, num_blocks: int, num_host_blocks: int = 0) -> "Scheduler":
@@ -176,9 +194,16 @@ class Scheduler:
         else:
             self.policy.add(request)
 
-    def finish_request(self, request: Request, status: RequestStatus) -> None:
-        """End a request (stopped, length, aborted): leave the queues, give back its blocks."""
+    def finish_request(self, request: Request, status: RequestStatus) -> bool:
+        """End a request (stopped, length, aborted): leave the queues, give back its blocks. Returns True
+        when its blocks are kept instead, leased to a decode instance (see release_lease)."""
         assert status.finished
+        if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            # A pull is writing into its blocks: they are freed when it ends (kv_load_finished).
+            del self.waiting_for_remote_kv[request.request_id]
+            self._aborted_loads[request.request_id] = request
+            request.status = status
+            return False
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.SWAPPED:
@@ -189,11 +214,88 @@ class Scheduler:
                 self.policy.remove(request)
         # WAITING_FOR_GRAMMAR: never queued here, nothing to leave
         request.status = status
-        self.kv.free(request)
+        # NOTE: one lease per id: a second request of the same id while the first's lease lives is not
+        # leased (its answer carries no kv_transfer_params, so its decode instance computes the prompt).
+        keep = (request.remote_decode and status != RequestStatus.FINISHED_ABORTED and bool(request.block_ids)
+                and request.request_id not in self.kv_leases)
+        if keep:
+            self.kv_leases[request.request_id] = request
+        else:
+            self.kv.free(request)
         if status != RequestStatus.FINISHED_ABORTED:
             observed = request.num_output_tokens / request.sampling_params.max_tokens
             self.output_ratio = (self.output_ratio_decay * self.output_ratio
                                  + (1 - self.output_ratio_decay) * observed)
+        return keep
+
+    # ---- KV transfer (prefill/decode disaggregation) ----------------------------------------------
+
+    def release_lease(self, request_id: str) -> None:
+        """Producer: the consumer has read a finished request's blocks (or the lease ended): free them."""
+        request = self.kv_leases.pop(request_id, None)
+        if request is not None:
+            self.kv.free(request)
+
+    def kv_load_finished(self, request_id: str, error: str | None) -> Request | None:
+        """Consumer: the pull into a request's blocks ended (error None: it succeeded). On success the
+        request waits to be scheduled with all but its last prompt token computed; on failure it
+        computes its prompt here (policy recompute) or is handed back, aborted, for the engine to
+        fail (policy fail)."""
+        aborted = self._aborted_loads.pop(request_id, None)
+        if aborted is not None:
+            aborted.num_loading_tokens = 0
+            self.kv.free(aborted)
+            return None
+        req = self.waiting_for_remote_kv.pop(request_id, None)
+        if req is None:
+            return None
+        req.remote_prefill = None
+        if error is None:
+            req.num_computed_tokens += req.num_loading_tokens
+            req.num_cached_tokens = req.num_computed_tokens
+            req.num_loading_tokens = 0
+            self.kv.register_computed(req)
+        else:
+            req.num_loading_tokens = 0
+            req.num_computed_tokens = 0
+            self.kv.free(req)
+            if self.kv_load_failure_policy == "fail":
+                req.status = RequestStatus.FINISHED_ABORTED
+                return req
+        req.status = RequestStatus.WAITING
+        self.policy.add_preempted(req)  # it has waited since it arrived
+        return None
+
+    @property
+    def holds_aborted_loads(self) -> bool:
+        """Aborted requests' blocks wait for their KV pulls to end."""
+        return bool(self._aborted_loads)
+
+    def _start_remote_load(self, req: Request, out: SchedulerOutput) -> bool | None:
+        """Allocate blocks for the prompt KV the request pulls (all but its last token, less what the
+        prefix cache holds) and queue the pull: True. False: no room now. None: nothing to pull (the
+        cache holds it all, or the producer's blocks do not cover the prompt): compute it here."""
+        remote, bs = req.remote_prefill, self.kv.block_size
+        num_tokens = req.num_prompt_tokens - 1
+        num_blocks = -(-num_tokens // bs)
+        cached = self.kv.find_cached_prefix(req)
+        if len(cached) >= num_blocks or len(remote.block_ids) < num_blocks:
+            # A pull of no blocks: the producer frees its lease now rather than at its timeout.
+            out.kv_loads.append(KVLoad(req.request_id, remote, [], []))
+            req.remote_prefill = None
+            return None
+        num_cached = len(cached) * bs
+        if not self.kv.allocate_slots(req, num_tokens - num_cached, cached, register=False):
+            return False
+        self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+        req.num_computed_tokens += num_cached
+        req.num_loading_tokens = num_tokens - num_cached
+        self.policy.pop()
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting_for_remote_kv[req.request_id] = req
+        out.kv_loads.append(KVLoad(req.request_id, remote, remote.block_ids[len(cached):num_blocks],
+                                   req.block_ids[len(cached):num_blocks]))
+        return True
 
     def append_token(self, request: Request, token_id: int) -> None:
         """A token sampled for `request` has come back from the model runner: it joins the
@@ -221,13 +323,15 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values())
+        return len(self.running) + len(self.policy) + sum(len(s) for _, s in self.forks.values()) \
+            + len(self.waiting_for_remote_kv)
 
     def make_stats(self) -> SchedulerStats:
         """The queues and the KV cache now (every reader of these figures takes them from here)."""
         kv = self.kv
         return SchedulerStats(
             num_running=len(self.running), num_waiting=self.num_waiting, num_swapped=self.num_swapped,
+            num_waiting_for_remote_kv=len(self.waiting_for_remote_kv),
             num_used_blocks=kv.num_used_blocks, num_free_blocks=kv.num_free_blocks,
             num_cached_blocks=kv.num_cached_blocks, prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
@@ -237,6 +341,9 @@ class Scheduler:
         yield from self.policy  # swapped requests included
         for _, samples in self.forks.values():
             yield from samples
+        yield from self.waiting_for_remote_kv.values()
+        yield from self._aborted_loads.values()  # finished, but their blocks are held until the pull ends
+        yield from self.kv_leases.values()  # finished, their blocks leased to a decode instance
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.live_requests())
@@ -310,10 +417,18 @@ class Scheduler:
             req = self.policy.peek()
             if req.num_pending_tokens:
                 break  # preempted with its last sample in flight: resume once the engine has it
+            if req.remote_prefill is not None:
+                started = self._start_remote_load(req, out)
+                if started:
+                    continue
+                if started is False:
+                    break
             swapped = req.status == RequestStatus.SWAPPED
-            # Prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
-            cached = [] if swapped or req.sampling_params.prompt_logprobs is not None else \
-                self.kv.find_cached_prefix(req)
+            # A request resuming after a KV pull holds its blocks already (and has been looked up);
+            # prompt logprobs need every prompt position computed: no prefix-cache hits (as vLLM).
+            holds_blocks = bool(req.block_ids)
+            cached = [] if swapped or holds_blocks or req.sampling_params.prompt_logprobs is not None \
+                else self.kv.find_cached_prefix(req)
             num_cached = len(cached) * self.kv.block_size
             num_new = req.num_tokens_with_pending - req.num_computed_tokens - num_cached
             if num_new > budget and not self.chunked_prefill:
@@ -329,7 +444,10 @@ class Scheduler:
                 if not self.kv.allocate_slots(req, num_new, cached):
                     break
                 req.num_computed_tokens += num_cached
-                self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+                if not holds_blocks:
+                    self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = num_cached
             self.policy.pop()
             self._start_running(req)
             self._schedule_tokens(req, num_new, out)

@@ -30,6 +30,7 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 _IDLE_POLL_S = 0.005  # wait when requests are live but the scheduler found nothing to run
+_LEASE_POLL_S = 0.05  # with no request but KV blocks leased to decode instances: how often to free them
 
 
 class QueueFullError(RuntimeError):
@@ -166,7 +167,7 @@ class AsyncLLMEngine:
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                           priority: int = 0, tenant: str = "default",
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, kv_transfer_params: dict | None = None) -> RequestStream:
         """Queue a request and return its stream; raises ValueError on bad input, QueueFullError
         when the waiting queue is full and EngineDeadError when the engine loop is gone."""
         arrival_time = time.time() if arrival_time is None else arrival_time
@@ -175,8 +176,8 @@ class AsyncLLMEngine:
         def add() -> None:
             if self.queue_is_full():
                 raise QueueFullError(f"the waiting queue is full ({self.max_queued_requests} requests); retry later")
-            self.engine.add_request(request_id, prompt, params, priority=priority,
-                                    arrival_time=arrival_time, tenant=tenant)
+            self.engine.add_request(request_id, prompt, params, priority=priority, arrival_time=arrival_time,
+                                    tenant=tenant, kv_transfer_params=kv_transfer_params)
             self._live.add(request_id)
 
         # NOTE: registered before the add runs, so no output of the request can arrive unclaimed.
@@ -253,13 +254,16 @@ class AsyncLLMEngine:
             while True:
                 with self._cv:
                     while not self._commands and not self._stopping and not engine.has_unfinished_requests():
+                        if engine.has_pending_kv_work():  # step (below) frees the leases read or expired
+                            self._cv.wait(_LEASE_POLL_S)
+                            break
                         self._cv.wait()
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, []
                 for fn, future in commands:
                     self._execute(fn, future)
-                if engine.has_unfinished_requests():
+                if engine.has_unfinished_requests() or engine.has_pending_kv_work():
                     steps_before = engine.num_steps
                     outputs = engine.step()
                     self._stats = engine.stats()

@@ -1,6 +1,7 @@
 """LLMEngine: add_request / step / abort_request. One step = schedule -> run -> sample -> update."""
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.scheduler import Scheduler, SchedulerOutput
+from tokenmill.distributed.kv_transfer import make_kv_connector, parse_kv_transfer_params
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.metrics import EngineStats
 from tokenmill.engine.trace import StepRecord, TraceWriter
@@ -28,6 +30,7 @@ from tokenmill.worker.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from tokenmill.worker.model_runner import ModelRunner
 
 PromptType = str | list[int] | dict
+logger = logging.getLogger("tokenmill.engine")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request] = field(default_factory=list)
+    kv_transfer_params: dict | None = None  # a prefill instance's answer: where its KV can be pulled
+    error: str | None = None  # why it failed (a KV pull under --kv-load-failure-policy fail)
 
 
 class LLMEngine:
@@ -68,7 +73,9 @@ class LLMEngine:
         kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
         host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
             if num_host_blocks else []
-        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches, ops)
+        self.kv_connector = make_kv_connector(config, kv_caches)
+        self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches, ops,
+                                  self.kv_connector)
 
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}  # live children by id
@@ -92,12 +99,16 @@ class LLMEngine:
     # ---- requests in -----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None, tenant: str = "default") -> None:
-        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+                    priority: int = 0, arrival_time: float | None = None, tenant: str = "default",
+                    kv_transfer_params: dict | None = None) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input.
+        kv_transfer_params: vLLM's (prefill/decode disaggregation): keep the prompt's KV for a decode
+        instance, or pull it from a prefill instance."""
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         params = self._finalize_params(sampling_params or SamplingParams(), len(token_ids))
+        remote_decode, remote_prefill = self._kv_transfer(request_id, kv_transfer_params, params.n)
         child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
         # NOTE: the children of an n > 1 request are named "{i}_{id}", which a user's id may be too:
         # _detokenizers holds every child id of every live request (finished children included).
@@ -112,7 +123,8 @@ class LLMEngine:
             child_params = params if params.n == 1 else params.clone(
                 n=1, seed=None if params.seed is None else params.seed + i)
             req = Request(child_id, token_ids, child_params, prompt=text, priority=priority,
-                          arrival_time=arrival_time, parent_id=request_id, index=i, tenant=tenant, status=status)
+                          arrival_time=arrival_time, parent_id=request_id, index=i, tenant=tenant, status=status,
+                          remote_decode=remote_decode, remote_prefill=remote_prefill)
             parent.children.append(req)
             self._requests[child_id] = req
             self._detokenizers[child_id] = IncrementalDetokenizer(
@@ -166,6 +178,29 @@ class LLMEngine:
             self._schedule_parent(parent)
         self._compiling = still
 
+    def _kv_transfer(self, request_id: str, kv_transfer_params, n: int):
+        """(remote_decode, remote_prefill) of a new request. Params this engine cannot act on (no or
+        another KV role, n > 1, malformed) are ignored with a warning: the request runs locally."""
+        if kv_transfer_params is None:
+            return False, None
+        connector = self.kv_connector
+        try:
+            remote_decode, remote_prefill = parse_kv_transfer_params(kv_transfer_params)
+        except ValueError as e:
+            logger.warning("request %s: %s; computing its prompt here", request_id, e)
+            return False, None
+        wanted = "producer" if remote_decode else "consumer" if remote_prefill else None
+        if wanted is None:
+            return False, None
+        if connector is None or not (connector.is_producer if remote_decode else connector.is_consumer):
+            logger.warning("request %s asks this engine to act as a KV %s, but --kv-role is %s; running it "
+                           "locally", request_id, wanted, connector.role if connector else "not set")
+            return False, None
+        if n != 1:
+            logger.warning("request %s: KV transfer is for n=1 requests (got n=%d); running it locally", request_id, n)
+            return False, None
+        return remote_decode, remote_prefill
+
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -213,6 +248,8 @@ class LLMEngine:
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (by the id given to add_request) at once and free their blocks."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            if rid in self.scheduler.kv_leases:  # finished on a prefill instance: end its lease
+                self.kv_connector.expire_lease(rid)
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
@@ -231,6 +268,8 @@ class LLMEngine:
         processed while the next computes.
         """
         failed = self._take_failed()
+        if self.kv_connector is not None:
+            failed += self._poll_kv_transfers()
         if self._executor is None:
             t_start = time.time()
             scheduler_output = self.scheduler.schedule()
@@ -257,6 +296,32 @@ class LLMEngine:
             self._admit_compiled()
         failed, self._failed = self._failed, []
         return [self._make_output(pid) for pid in failed if pid in self._parents]
+
+    def _poll_kv_transfers(self) -> list[RequestOutput]:
+        """Apply what the KV connector reports: leases to free, pulls finished. Returns the outputs of
+        requests whose pull failed under --kv-load-failure-policy fail."""
+        events = self.kv_connector.take_events()
+        for rid in events.released:
+            self.scheduler.release_lease(rid)
+        outputs = []
+        for rid, error in events.loaded:
+            if error is not None:
+                logger.warning("request %s: KV pull failed (%s); %s", rid, error,
+                               "failing it" if self.config.kv_load_failure_policy == "fail" else
+                               "computing its prompt here")
+            req = self.scheduler.kv_load_finished(rid, error)
+            if req is None:
+                continue
+            req.times.finished_time = time.time()
+            del self._requests[rid]
+            self._parents[req.parent_id].error = f"the KV transfer from the prefill instance failed: {error}"
+            outputs.append(self._make_output(req.parent_id))
+        return outputs
+
+    def has_pending_kv_work(self) -> bool:
+        """Blocks wait on the KV connector (leased to decode instances, or aborted requests' pulls still
+        running): step() must keep running, with or without requests, to free them in time."""
+        return bool(self.scheduler.kv_leases) or self.scheduler.holds_aborted_loads
 
     def _submit(self) -> None:
         t_start = time.time()
@@ -347,7 +412,9 @@ class LLMEngine:
 
     def _finish(self, req: Request, status: RequestStatus, now: float | None = None) -> None:
         req.times.finished_time = now if now is not None else time.time()
-        self.scheduler.finish_request(req, status)
+        if self.scheduler.finish_request(req, status):  # a prefill instance keeps the blocks for a pull
+            self._parents[req.parent_id].kv_transfer_params = self.kv_connector.add_lease(
+                req.request_id, req.block_ids)
         del self._requests[req.request_id]
 
     def _make_output(self, parent_id: str) -> RequestOutput:
@@ -370,7 +437,8 @@ class LLMEngine:
         leader = parent.children[0]
         prompt_logprobs = list(leader.prompt_logprobs) if leader.sampling_params.prompt_logprobs is not None else None
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             RequestMetrics.of(parent.children), prompt_logprobs)
+                             RequestMetrics.of(parent.children), prompt_logprobs, parent.children[0].num_cached_tokens,
+                             parent.kv_transfer_params, parent.error)
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -396,7 +464,8 @@ class LLMEngine:
         """The scheduler's snapshot (queues, KV blocks, prefix hits, preemptions) and the engine's token
         counters."""
         return EngineStats(scheduler=self.scheduler.make_stats(), prompt_tokens=self._num_prompt_tokens,
-                           generation_tokens=self._num_generation_tokens, num_steps=self.num_steps)
+                           generation_tokens=self._num_generation_tokens, num_steps=self.num_steps,
+                           kv_transfer=self.kv_connector.stats() if self.kv_connector is not None else None)
 
     def close(self) -> None:
         while self._in_flight:
@@ -405,6 +474,8 @@ class LLMEngine:
             self._executor.shutdown()
         if self._grammar_cache is not None:
             self._grammar_cache.close()
+        if self.kv_connector is not None:
+            self.kv_connector.close()
         if self._trace is not None:
             self._trace.close()
             self._trace = None
@@ -415,7 +486,8 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raise AssertionError if block accounting is off (and, when idle, if any block is used)."""
         self.scheduler.check_integrity()
-        if not self.has_unfinished_requests() and self.num_used_blocks:
+        held = self.scheduler.kv_leases or self.scheduler.holds_aborted_loads  # freed by the KV connector
+        if not self.has_unfinished_requests() and self.num_used_blocks and not held:
             raise AssertionError(f"no live request, but {self.num_used_blocks} blocks are still used")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.core.scheduler import SchedulerStats
+from tokenmill.distributed.kv_transfer.base import TRANSFER_SECONDS_BUCKETS, KVTransferStats
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,7 @@ class EngineStats:
     prompt_tokens: int  # prompt tokens of finished-or-running requests, counted once when first scheduled
     generation_tokens: int  # tokens sampled
     num_steps: int
+    kv_transfer: KVTransferStats | None = None  # with a --kv-role
 
 
 # ---- Prometheus ------------------------------------------------------------------------------------
@@ -38,19 +40,33 @@ class _EngineStatsCollector:
         self.stats_fn = stats_fn
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         stats: EngineStats = self.stats_fn()
         s = stats.scheduler
         gauges = [("num_requests_running", "Sequences in the running batch.", s.num_running),
                   ("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
                   ("num_requests_swapped", "Sequences swapped out to host memory.", s.num_swapped),
-                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage)]
+                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", s.kv_cache_usage),
+                  ("num_requests_waiting_for_remote_kv", "Sequences pulling their prompt's KV from a prefill "
+                   "instance.", s.num_waiting_for_remote_kv)]
         counters = [("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
                     ("num_preemptions", "Preemptions of running sequences.", s.num_preemptions),
                     ("prompt_tokens", "Prompt tokens processed (each sequence counted once).", stats.prompt_tokens),
                     ("generation_tokens", "Tokens generated.", stats.generation_tokens)]
+        kv = stats.kv_transfer or KVTransferStats()
+        counters += [("kv_transfer_blocks_sent", "KV blocks a decode instance read from this one.", kv.blocks_sent),
+                     ("kv_transfer_blocks_received", "KV blocks pulled from prefill instances.", kv.blocks_received),
+                     ("kv_transfer_bytes", "Bytes of KV sent plus received.", kv.bytes),
+                     ("kv_transfer_leases_expired", "KV leases freed unread at their timeout.", kv.leases_expired),
+                     ("kv_transfer_load_failures", "KV pulls that failed (timeout, refused, corrupted).",
+                      kv.load_failures)]
+        h = HistogramMetricFamily("tokenmill:kv_transfer_seconds", "Duration of successful KV pulls.",
+                                  labels=["model_name"])
+        bounds = [str(b) for b in TRANSFER_SECONDS_BUCKETS] + ["+Inf"]
+        h.add_metric([self.model_name], list(zip(bounds, kv.seconds_buckets)), kv.seconds_sum)
+        yield h
         for name, doc, value in gauges:
             g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
             g.add_metric([self.model_name], value)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tokenmill.core.scheduler import PENDING_TOKEN, ScheduledRequest, SchedulerOutput
+from tokenmill.distributed.kv_transfer.base import KVConnector
 from tokenmill.models.layers.attention import AttentionBackend, AttentionInputs
 from tokenmill.worker.sampler import Sampler, SamplingRow
 
@@ -33,8 +34,9 @@ class ModelRunnerOutput:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  backend: AttentionBackend, seed: int, host_caches: list[torch.Tensor] = (),
-                 ops: ModuleType | None = None) -> None:
+                 ops: ModuleType | None = None, kv_connector: KVConnector | None = None) -> None:
         self.model = model
+        self.kv_connector = kv_connector  # starts the KV pulls the scheduler asks for
         self.kv_caches = kv_caches
         self.host_caches = list(host_caches)  # swap space: same layout, in host memory
         self.block_size = block_size
@@ -60,6 +62,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         if sched.has_block_ops:
             self._copy_blocks(sched)
+        for load in sched.kv_loads:  # into blocks no batch touches until the pull has ended
+            self.kv_connector.start_load(load)
         reqs = sched.scheduled
         if not reqs:
             return ModelRunnerOutput({})

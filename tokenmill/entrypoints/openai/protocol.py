@@ -108,6 +108,7 @@ class _SamplingRequest(_Request):
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    kv_transfer_params: dict | None = None  # vLLM's prefill/decode disaggregation (NixlConnector protocol)
 
     _nulls = _null_means_default("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
                                  "min_p", "repetition_penalty", "min_tokens", "priority", "skip_special_tokens",
@@ -220,10 +221,15 @@ class DetokenizeRequest(_Request):
 
 # ---- responses --------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache) or loaded (P/D)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogProbs(BaseModel):
@@ -255,6 +261,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    kv_transfer_params: dict | None = None  # a prefill instance's: where to pull the prompt's KV from
 
 
 class ChatLogProb(BaseModel):
@@ -315,6 +322,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: dict | None = None  # a prefill instance's: where to pull the prompt's KV from
 
 
 class DeltaMessage(BaseModel):

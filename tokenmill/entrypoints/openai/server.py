@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import secrets
@@ -36,7 +37,7 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatLogProbs, ChatLogProbsContent, ChatMessage, ChatResponseMessage, ChatStreamChoice, CompletionChoice,
     CompletionLogProbs, CompletionRequest, CompletionResponse, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
     DetokenizeRequest, DetokenizeResponse, ErrorInfo, ErrorResponse, FunctionCall, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse, ToolCall, UsageInfo)
+    PromptTokensDetails, TokenizeRequest, TokenizeResponse, ToolCall, UsageInfo)
 from tokenmill.entrypoints.openai.tool_parsers import (
     PARSERS, TOOL_CALL_PARSERS, ParsedCall, ParsedOutput, ToolCallStream, required_schema)
 from tokenmill.errors import ParamError
@@ -321,7 +322,8 @@ class OpenAIServer:
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(await self.engine.add_request(
                     rid, {"prompt": p.text, "prompt_token_ids": p.token_ids}, params, priority=body.priority,
-                    tenant=body.user or "default", arrival_time=arrival_time))
+                    tenant=body.user or "default", arrival_time=arrival_time,
+                    kv_transfer_params=body.kv_transfer_params if len(prompts) == 1 else None))
         except BaseException as e:
             for s in streams:
                 s.abort()
@@ -338,8 +340,10 @@ class OpenAIServer:
     def usage(self, prompts: list[_Prompt], finals: list[RequestOutput]) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         completion_tokens = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        cached_tokens = sum(out.num_cached_tokens or 0 for out in finals if out is not None)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
     # ---- /v1/completions ------------------------------------------------------------------------
 
@@ -367,7 +371,7 @@ class OpenAIServer:
         if want_prompt:
             params = params.clone(prompt_logprobs=max(want_prompt))
         await self.compile_constraint(spec, spec_param)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(raw, "cmpl")
         streams = await self.add_requests(request_id, prompts, params, body, arrival_time, "prompt")
         echo_texts = [self._prompt_text(p) if body.echo else "" for p in prompts]
         if body.stream:
@@ -375,6 +379,7 @@ class OpenAIServer:
         finals = await _collect(streams, raw)
         if finals is None:
             return Response(status_code=499)  # the client left; its requests were aborted
+        _raise_failed(finals)
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
@@ -388,7 +393,8 @@ class OpenAIServer:
                     stop_reason=c.stop_reason, logprobs=logprobs,
                     prompt_logprobs=self._prompt_logprobs(out) if body.prompt_logprobs is not None else None))
         return JSONResponse(CompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                               usage=self.usage(prompts, finals)).model_dump())
+                                               usage=self.usage(prompts, finals),
+                                               kv_transfer_params=finals[0].kv_transfer_params).model_dump())
 
     def _prompt_text(self, p: _Prompt) -> str:
         return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
@@ -439,6 +445,9 @@ class OpenAIServer:
         usage_opts = body.stream_options
         try:
             async for i, out in _merge(streams):
+                if out.error is not None:
+                    yield f"data: {json.dumps(error_body(500, out.error, code='kv_transfer_failed'))}\n\n"
+                    return
                 finals[i] = out
                 choices = []
                 for c in out.outputs:
@@ -516,7 +525,7 @@ class OpenAIServer:
         if mode.kind == "auto" and self.options.tool_call_parser in ("llama3_json", "mistral"):
             params = params.clone(skip_special_tokens=False)  # their markers are special tokens
         await self.compile_constraint(spec, spec_param)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(raw, "chatcmpl")
         streams = await self.add_requests(request_id, [prompt], params, body, arrival_time, "messages")
         top_n = body.top_logprobs or 0
         if body.stream:
@@ -524,6 +533,7 @@ class OpenAIServer:
         finals = await _collect(streams, raw)
         if finals is None:
             return Response(status_code=499)
+        _raise_failed(finals)
         out = finals[0]
         choices = []
         for c in out.outputs:
@@ -539,7 +549,8 @@ class OpenAIServer:
                 index=c.index, message=message, finish_reason=finish_reason, stop_reason=c.stop_reason,
                 logprobs=self._chat_logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None))
         return JSONResponse(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
-                                                   usage=self.usage([prompt], finals)).model_dump())
+                                                   usage=self.usage([prompt], finals),
+                                                   kv_transfer_params=out.kv_transfer_params).model_dump())
 
     def _chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None,
                        top_n: int) -> ChatLogProbs:
@@ -604,6 +615,9 @@ class OpenAIServer:
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
                                           finish_reason=None) for i in range(body.n)])
             async for out in stream:
+                if out.error is not None:
+                    yield f"data: {json.dumps(error_body(500, out.error, code='kv_transfer_failed'))}\n\n"
+                    return
                 final = out
                 choices = []
                 for c in out.outputs:
@@ -674,6 +688,20 @@ class OpenAIServer:
 
 
 # ---- streams ----------------------------------------------------------------------------------------
+
+def _raise_failed(finals: list[RequestOutput]) -> None:
+    """A request the engine failed (a KV pull under --kv-load-failure-policy fail) answers 500."""
+    failed = next((out for out in finals if out.error is not None), None)
+    if failed is not None:
+        raise APIError(500, failed.error, code="kv_transfer_failed")
+
+
+def _request_id(raw: Request, prefix: str) -> str:
+    """The id of a request (and of its response): the client's X-Request-Id (a router's, so one request
+    has one id on every instance it passes through) under the OpenAI prefix, as vLLM names it."""
+    given = raw.headers.get("x-request-id")
+    return f"{prefix}-{given}" if given else f"{prefix}-{uuid.uuid4().hex}"
+
 
 class _EventStream(StreamingResponse):
     """Server-sent events that abort their requests however the response ends (done, disconnect,
@@ -824,6 +852,41 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: PrometheusMetric
         if not engine.is_running:
             return error_response(503, f"the engine is not running ({engine.error or 'stopped'})")
         return JSONResponse({"status": "ok"})
+
+    @app.middleware("http")
+    async def echo_request_id(request: Request, call_next):
+        response = await call_next(request)
+        given = request.headers.get("x-request-id")
+        if given is not None:
+            response.headers["X-Request-Id"] = given
+        return response
+
+    def load() -> int:
+        s = engine.stats().scheduler
+        return s.num_running + s.num_waiting + s.num_swapped
+
+    @app.get("/get_load")
+    async def get_load() -> dict:
+        """SGLang's load report (vllm-router's power_of_two polls it): requests running or waiting."""
+        return {"load": load()}
+
+    @app.get("/load")
+    async def vllm_load() -> dict:
+        """vLLM's load report."""
+        return {"server_load": load()}
+
+    @app.get("/get_server_info", dependencies=auth)
+    async def get_server_info() -> dict:
+        """The resolved engine configuration and the KV cache's size (what a router or operator asks)."""
+        stats = engine.stats()
+        return {**dataclasses.asdict(engine.config), "served_model_name": model_name,
+                "model_path": str(engine.config.model or model_name),
+                "num_kv_blocks": stats.scheduler.num_total_blocks}
+
+    @app.get("/get_model_info", dependencies=auth)
+    async def get_model_info() -> dict:
+        return {"model_path": str(engine.config.model or model_name), "served_model_name": model_name,
+                "is_generation": True, "max_model_len": server.max_model_len}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=contract.PLAIN_TEXT)
     async def prometheus_metrics() -> Response:

@@ -1,0 +1,1 @@
+"""Scale-out: what moves between engine processes (the KV connectors of prefill/decode disaggregation)."""
