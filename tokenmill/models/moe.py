@@ -32,6 +32,19 @@ class Experts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def prepack_weights(self) -> None:
+        """Each expert's two weights in oneDNN's blocked layout, as PackedLinear does for nn.Linear
+        (called by prepack_linears): the BLAS does not repack them on every call."""
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self._packed = [(reorder(self.gate_up_proj[e].detach(), None), reorder(self.down_proj[e].detach(), None))
+                        for e in range(self.gate_up_proj.shape[0])]
+
+    def _linear(self, x: torch.Tensor, e: int, which: int) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[e][which], None, "none", [], "")
+        return F.linear(x, (self.gate_up_proj, self.down_proj)[which][e])
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; experts, weights [T, k]: each token's experts and their router weights."""
@@ -47,8 +60,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             idx = tokens[start:start + n]
-            gate, up = F.linear(x[idx], self.gate_up_proj[e]).split(self.intermediate_size, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = self._linear(x[idx], e, 0).split(self.intermediate_size, dim=-1)
+            h = self._linear(F.silu(gate) * up, e, 1)
             out.index_add_(0, idx, h * pair_weights[start:start + n, None])
             start += n
         return out
