@@ -197,7 +197,7 @@ def test_int32_tables_noncontiguous_q_and_plan_reuse(ext):
     for qq in (q_strided, q_heads, q):  # the second and third calls reuse the step's plan
         out = backend.forward(qq, k, v, cache.clone(), md, 0.125)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert list(md.plans) == [(3, 3, False)]
+    assert list(md.plans) == [(3, 3, False, False)]
 
 
 def test_bad_inputs_are_rejected(ext):

@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "write k/v into the paged cache, then attend", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("block_tables"),
         py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"), py::arg("prefix_plan"), py::arg("scale"),
-        py::arg("simd") = true);
+        py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("simd") = true);
   m.def("vector_lanes", &vector_lanes, "float32 lanes of the vector type the kernels were compiled with");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32 statistics)", py::arg("x"), py::arg("weight"),
         py::arg("eps"));

@@ -16,7 +16,8 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                       const std::optional<torch::Tensor>& v, torch::Tensor kv_cache,
                       const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
-                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale, bool simd);
+                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale,
+                      int64_t window, double softcap, bool simd);
 int64_t vector_lanes();
 
 // fused_ops.cpp

@@ -55,6 +55,10 @@
 // Each request's own items then start at the first key after the prefix and continue from that
 // state. The shared blocks are thus read once per group, not once per request, and at GEMM
 // (tile-path) rather than GEMV (row-path) arithmetic intensity.
+// Per-layer options (arguments, not copies of the kernel): a sliding window (query at position p
+// sees keys p - window + 1 .. p; blocks wholly before an item's first window are not read, and a
+// windowed layer is planned without a shared-prefix pass) and logit soft-capping (scores become
+// cap * tanh(score / cap) before masking and softmax, in both paths, the prefix pass included).
 // Both are written on cpu_vec.h's vector type, so they are AVX-512 code on an AVX-512 machine
 // and AVX2 code on an AVX2 one. A plain scalar reference implementation (same online softmax, one
 // row and one key at a time) is exposed to the tests through simd=False.
@@ -124,6 +128,11 @@ struct Problem {
   float* state_acc;  // [T * H][D]
   int num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
+  int window;     // > 0: a query at position p sees keys p - window + 1 .. p only (sliding window)
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) before the softmax
+
+  // The first key the row at position pos sees.
+  int first_key(int pos) const { return window > 0 ? std::max(0, pos - window + 1) : 0; }
 
   const T* keys(int64_t block, int h) const { return k_cache + block * blk_st + h * head_st; }  // [D][BS]
   const T* values(int64_t block, int h) const { return v_cache + block * blk_st + h * head_st; }  // [BS][D]
@@ -238,6 +247,13 @@ struct SpreadPrefetch {
   }
 };
 
+// Logit soft-capping in place: s = cap * tanh(s / cap) for n scores (cap > 0). std::tanh, not a
+// polynomial: the capped scores must stay within float32 rounding of torch.tanh's.
+inline void soft_cap(float* s, int64_t n, float cap) {
+  const float inv = 1.f / cap;
+  for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
+}
+
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
   std::vector<float> a, b, s, m, l, corr, tsum, ones, kpack, vpack;
@@ -272,13 +288,14 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
       const int pos = x.pos0 + m / p.group;
       float mx = kNegInf, l = 0.f;
       std::fill(acc, acc + D, 0.f);
-      for (int key = 0; key <= pos; ++key) {
+      for (int key = p.first_key(pos); key <= pos; ++key) {
         const int64_t blk = block_of(p, x, key / BS);
         const T* kt = p.keys(blk, h) + key % BS;
         const T* v = p.values(blk, h) + (key % BS) * D;
         float s = 0.f;
         for (int d = 0; d < D; ++d) s += to_float(q[d]) * to_float(kt[d * BS]);
         s *= p.scale;
+        if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
         const float mnew = std::max(mx, s);
         const float corr = std::exp(mx - mnew), e = std::exp(s - mnew);
         l = l * corr + e;
@@ -427,9 +444,11 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
   const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(head_bytes, (BS + kLanes - 1) / kLanes * (D / 2));
+  // Blocks wholly before the first row's window are never read (a windowed item has no prefix state).
+  const int kb_first = std::max(x.kb0, p.first_key(x.pos0) / BS);
   // The prefetch runs kPrefetchUnits (block, head) units ahead: the first ones at once, while the
   // queries are packed, then one unit spread over each unit's score pass.
-  UnitCursor ahead{x.kb0, 0, 0, TB, x.nh, num_blocks};
+  UnitCursor ahead{kb_first, 0, 0, TB, x.nh, num_blocks};
   for (int i = 0; i < kPrefetchUnits && ahead.valid(); ++i, ahead.advance()) {
     const int64_t first = block_of(p, x, ahead.block());
     prefetch(p.keys(first, x.h0 + ahead.h), head_bytes);
@@ -462,7 +481,7 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   }
   const vfloat lane = lane_index();
   int64_t blk[kMaxTileBlocks];
-  for (int t0 = x.kb0; t0 < num_blocks; t0 += TB) {
+  for (int t0 = kb_first; t0 < num_blocks; t0 += TB) {
     const int nb = std::min(TB, num_blocks - t0);
     for (int b = 0; b < nb; ++b) blk[b] = block_of(p, x, t0 + b);
     for (int h = 0; h < x.nh; ++h) {
@@ -485,23 +504,27 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         pf.finish();
       }
       // The softmax step of each row over the tile: key k of block b is visible iff it exists and
-      // lies at or before the row's position (valid counts them per block; only the blocks with
-      // fewer than SP visible keys are masked). corr holds exponents until the vector exp below.
+      // lies at or before the row's position and, with a window, within it (keys lo .. hi - 1 of
+      // the block; only blocks with fewer than SP visible keys are masked). corr holds exponents
+      // until the vector exp below.
       for (int m = r0; m < r0 + x.rows; ++m) {
         const int last = x.pos0 + (m - r0) / p.group;  // the row's position
         float* sm = s + m * TS;
+        if (p.softcap > 0.f) soft_cap(sm, nb * SP, p.softcap);
         vfloat tmax = splat(kNegInf);
         bool any = false;
         for (int b = 0; b < nb; ++b) {
           const int k0 = (t0 + b) * BS;
-          const int valid = std::min(std::min(BS, x.key_end - k0), last + 1 - k0);
-          any |= valid > 0;
-          if (valid == SP) {
+          const int hi = std::min(std::min(BS, x.key_end - k0), last + 1 - k0);
+          const int lo = p.first_key(last) - k0;
+          any |= hi > std::max(lo, 0);
+          if (lo <= 0 && hi == SP) {
             for (int c0 = 0; c0 < SP; c0 += kLanes) tmax = vmax(tmax, load(sm + b * SP + c0));
             continue;
           }
           for (int c0 = 0; c0 < SP; c0 += kLanes) {  // masked lanes become 0 after the exp
-            const vfloat v = lane < static_cast<float>(valid - c0) ? load(sm + b * SP + c0) : splat(kNegInf);
+            const vfloat v = (lane < static_cast<float>(hi - c0)) & (lane >= static_cast<float>(lo - c0))
+                                 ? load(sm + b * SP + c0) : splat(kNegInf);
             store(sm + b * SP + c0, v);
             tmax = vmax(tmax, v);
           }
@@ -700,13 +723,19 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
     }
   }
   const int num_blocks = (x.key_end + BS - 1) / BS;
-  for (int kb = x.kb0; kb < num_blocks; ++kb) {
+  const int last_pos = x.pos0 + (M - 1) / p.group;  // the last row's position
+  // Blocks wholly before the first row's window are never read (a windowed item has no prefix state).
+  const int kb_first = std::max(x.kb0, p.first_key(x.pos0) / BS);
+  for (int kb = kb_first; kb < num_blocks; ++kb) {
     const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
     const int64_t blk = block_of(p, x, kb);
     widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
     widen_values(p.values(blk, x.h0), D, n, DP, vf);
     tile_scores(qt, MP, D, kf, DP, n, st);
-    const bool diagonal = k0 + n - 1 > x.pos0;  // some key lies after some row's position
+    if (p.softcap > 0.f) soft_cap(st, static_cast<int64_t>(n) * MP, p.softcap);
+    // Some key lies after some row's position, or before some row's window.
+    const bool diagonal = k0 + n - 1 > x.pos0 || k0 < p.first_key(last_pos);
+    const int window = p.window > 0 ? p.window : std::numeric_limits<int>::max() / 2;
     for (int r = 0; r < MP; r += kLanes) {
       const vfloat mold = load(mx + r);
       vfloat mnew = mold;
@@ -714,23 +743,25 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         vint rpos;
         std::memcpy(&rpos, pos + r, sizeof rpos);
         for (int c = 0; c < n; ++c) {
-          // visible iff key position k0 + c <= row position
-          const vfloat v = rpos >= k0 + c ? load(st + c * MP + r) : splat(kNegInf);
+          // visible iff row position - window < key position k0 + c <= row position
+          const vfloat v = (rpos >= k0 + c) & (rpos < k0 + c + window) ? load(st + c * MP + r) : splat(kNegInf);
           store(st + c * MP + r, v);
           mnew = vmax(mnew, v);
         }
       } else {
         for (int c = 0; c < n; ++c) mnew = vmax(mnew, load(st + c * MP + r));
       }
+      // A row that sees none of the block's keys (only with a window) and none before keeps
+      // mnew = -inf: subtract 0 instead, so its exps are 0, not NaN.
+      const vfloat msub = mnew == splat(kNegInf) ? vfloat{} : mnew;
       vfloat sum{};
       for (int c = 0; c < n; ++c) {
-        const vfloat e = vexp(load(st + c * MP + r) - mnew);
+        const vfloat e = vexp(load(st + c * MP + r) - msub);
         store(st + c * MP + r, e);
         sum += e;
       }
-      // mold = -inf on the first block gives corr = 0; mnew is finite there (the first key is
-      // visible to every row).
-      const vfloat cr = vexp(mold - mnew);
+      // mold = -inf on a row's first visible block gives corr = 0.
+      const vfloat cr = vexp(mold - msub);
       store(corr + r, cr);
       store(l + r, load(l + r) * cr + sum);
       store(mx + r, mnew);
@@ -970,8 +1001,10 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                       const std::optional<torch::Tensor>& v, torch::Tensor kv_cache,
                       const std::optional<torch::Tensor>& slot_mapping, const torch::Tensor& block_tables,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
-                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale, bool simd) {
+                      const torch::Tensor& work_plan, const torch::Tensor& prefix_plan, double scale,
+                      int64_t window, double softcap, bool simd) {
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "tensors must be on the CPU");
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [T, H, D] with a contiguous last dim");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, num_blocks, KVH, block_size * D] tensor");
@@ -1043,6 +1076,8 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
                 "work_plan row ", i, " does not fit this batch (was it planned for these heads and block size?)");
   }
   const int64_t n_prefix = prefix_plan.size(0);
+  TORCH_CHECK(window == 0 || n_prefix == 0, "a sliding-window layer takes no shared-prefix pass (plan it with "
+              "min_shared_tokens=0)");
   const int32_t* pp = prefix_plan.data_ptr<int32_t>();
   for (int64_t i = 0; i < n_prefix; ++i) {
     const int32_t* it = pp + kPrefixCols * i;
@@ -1105,6 +1140,8 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     p.head_dim = static_cast<int>(D);
     p.block_size = static_cast<int>(BS);
     p.scale = static_cast<float>(scale);
+    p.window = static_cast<int>(window);
+    p.softcap = static_cast<float>(softcap);
     run(p, pl, n_items, pp, n_prefix, simd);
   };
   const bool i64 = block_tables.scalar_type() == torch::kInt64;

