@@ -66,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dense, moe = build(Path(tmp) / "dense", moe=False), build(Path(tmp) / "moe", moe=True)
-        print(f"decode step, median of {args.steps} ({args.dtype}, {torch.get_num_threads()} threads)")
+        threads = args.threads or "all the"
+        print(f"decode step, median of {args.steps} ({args.dtype}, {threads} threads)")
         print(f"{'batch':>5} {'dense ms':>9} {'moe ms':>9} {'moe/dense':>9}")
         for batch in (1, 32):
             d = decode_step_ms(dense, batch, args.steps, args.dtype, args.threads)
