@@ -10,7 +10,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_server import Server
+from helpers import Server
+from test_server import ENGINE_ARGS
 
 TEMPLATE = """{%- if tools %}<|im_start|>system
 You may call these functions:
@@ -67,7 +68,7 @@ def tool_model_dir(tiny_qwen2_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tool_model_dir, tmp_path_factory):
-    s = Server(tool_model_dir, tmp_path_factory.mktemp("tools-log") / "server.log", "--tool-call-parser", "hermes",
+    s = Server(tool_model_dir, tmp_path_factory.mktemp("tools-log") / "server.log", *ENGINE_ARGS, "--tool-call-parser", "hermes",
                "--default-max-tokens", "48", "--max-tokens-limit", "200")
     try:
         yield s.wait_ready()
