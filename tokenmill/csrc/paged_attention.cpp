@@ -80,6 +80,7 @@
 #include <limits>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -601,6 +602,45 @@ inline void tile_scores_block(const float* qt, int MP, int D, const float* const
     for (int v = 0; v < NV; ++v) store(st + (c0 + i) * MP + r + kLanes * v, a[i][v]);
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 tile scores: vdpbf16ps multiplies bf16 pairs exactly and adds both products to a
+// float32 lane, so one instruction does two dimensions of 16 rows. Queries and keys are packed
+// as pairs of adjacent dimensions (one uint32: dim 2j in the low half, 2j + 1 in the high), the
+// queries unscaled (their bf16 values are exact; the scale is applied to the float32 scores).
+constexpr bool kBf16Dot = true;
+
+// st[c * MP + r] = scale * sum_j qp[j * MP + r] . kp[j * BS + c] for keys c0 .. c0 + 4 (the
+// ones past the block's end repeat its last key), rows r .. r + 16 * NV.
+template <int NV>
+inline void tile_scores_block_bf16(const uint32_t* qp, int MP, int DH, const uint32_t* const* k, int BS, int c0,
+                                   float scale, float* st, int r) {
+  __m512 a[4][NV];
+  TM_UNROLL
+  for (int i = 0; i < 4; ++i)
+    TM_UNROLL
+    for (int v = 0; v < NV; ++v) a[i][v] = _mm512_setzero_ps();
+  const uint32_t* qj = qp + r;
+  for (int j = 0; j < DH; ++j, qj += MP) {
+    __m512bh qv[NV];
+    TM_UNROLL
+    for (int v = 0; v < NV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qj + kLanes * v);
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(static_cast<int>(k[i][j * BS]));
+      TM_UNROLL
+      for (int v = 0; v < NV; ++v) a[i][v] = _mm512_dpbf16_ps(a[i][v], qv[v], kb);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  TM_UNROLL
+  for (int i = 0; i < 4; ++i)
+    TM_UNROLL
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(st + (c0 + i) * MP + r + kLanes * v, _mm512_mul_ps(a[i][v], sc));
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // Row blocks of 3 vectors, then one of 2 or 1: MP is a multiple of kLanes.
 template <typename Fn>
 inline void for_vector_blocks(int MP, Fn&& fn) {
@@ -671,6 +711,33 @@ inline void tile_values(float* ot, int MP, int D, const float* vf, int DP, int n
   for_vector_blocks(MP, [&](auto NV, int r) { tile_values_block<decltype(NV)::value>(ot, MP, D, vf, DP, n, pt, corr, r); });
 }
 
+#if defined(__AVX512BF16__)
+// st[c * MP + r] = scale * Q K^T for keys c < n, rows r < MP, from the packed pairs (see above).
+inline void tile_scores_bf16(const uint32_t* qp, int MP, int DH, const uint32_t* kp, int BS, int n, float scale,
+                             float* st) {
+  for (int c0 = 0; c0 < n; c0 += 4) {
+    const uint32_t* k[4];
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) k[i] = kp + std::min(c0 + i, n - 1);
+    for_vector_blocks(MP, [&](auto NV, int r) {
+      tile_scores_block_bf16<decltype(NV)::value>(qp, MP, DH, k, BS, c0, scale, st, r);
+    });
+  }
+}
+#endif
+
+// The block's keys as pairs of adjacent dimensions, kp[j * BS + c] = (kt[2j][c], kt[2j + 1][c]),
+// from the transposed kt [D][BS] (D even): two rows of kt interleaved, contiguous on both sides.
+inline void pair_keys(const bf16* kt, int BS, int D, uint32_t* kp) {
+  const uint16_t* k = reinterpret_cast<const uint16_t*>(kt);
+  for (int j = 0; j < D / 2; ++j) {
+    const uint16_t* lo = k + 2 * j * BS;
+    const uint16_t* hi = lo + BS;
+    uint32_t* out = kp + j * BS;
+    for (int c = 0; c < BS; ++c) out[c] = static_cast<uint32_t>(lo[c]) | static_cast<uint32_t>(hi[c]) << 16;
+  }
+}
+
 // The block's first n keys as float rows kf[c][d] (stride DP), from the transposed kt [D][BS].
 template <typename T>
 inline void widen_keys(const T* kt, int BS, int D, int n, int DP, float* kf) {
@@ -701,13 +768,25 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   float* kf = sc.kpack.data();
   float* vf = sc.vpack.data();
   int32_t* pos = sc.pos.data();
+  // bf16 on a CPU with AVX512-BF16: scores from bf16 pairs (Q packed [D/2][MP], K per block
+  // [D/2][BS]) instead of widened floats; the values stay float32.
+  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16>;
+  const bool pairs = kPairs && D % 2 == 0;
+  uint32_t* qp = reinterpret_cast<uint32_t*>(qt);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(kf);
   for (int m = 0; m < MP; ++m) {
     if (m < M) {
       const T* src = q_row(p, x, x.h0, m);
-      for (int d = 0; d < D; ++d) qt[d * MP + m] = to_float(src[d]) * p.scale;
+      if (pairs)
+        for (int j = 0; j < D / 2; ++j) std::memcpy(qp + j * MP + m, src + 2 * j, sizeof(uint32_t));
+      else
+        for (int d = 0; d < D; ++d) qt[d * MP + m] = to_float(src[d]) * p.scale;
       pos[m] = x.pos0 + m / p.group;
     } else {  // padding rows: zero queries at the first row's position (finite, never NaN)
-      for (int d = 0; d < D; ++d) qt[d * MP + m] = 0.f;
+      if (pairs)
+        for (int j = 0; j < D / 2; ++j) qp[j * MP + m] = 0;
+      else
+        for (int d = 0; d < D; ++d) qt[d * MP + m] = 0.f;
       pos[m] = x.pos0;
     }
     mx[m] = kNegInf;
@@ -729,9 +808,19 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   for (int kb = kb_first; kb < num_blocks; ++kb) {
     const int k0 = kb * BS, n = std::min(BS, x.key_end - k0);
     const int64_t blk = block_of(p, x, kb);
-    widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
+    if constexpr (kPairs) {
+      if (pairs) {
+        pair_keys(p.keys(blk, x.h0), BS, D, kp);
+#if defined(__AVX512BF16__)
+        tile_scores_bf16(qp, MP, D / 2, kp, BS, n, p.scale, st);
+#endif
+      }
+    }
+    if (!pairs) {
+      widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
+      tile_scores(qt, MP, D, kf, DP, n, st);
+    }
     widen_values(p.values(blk, x.h0), D, n, DP, vf);
-    tile_scores(qt, MP, D, kf, DP, n, st);
     if (p.softcap > 0.f) soft_cap(st, static_cast<int64_t>(n) * MP, p.softcap);
     // Some key lies after some row's position, or before some row's window.
     const bool diagonal = k0 + n - 1 > x.pos0 || k0 < p.first_key(last_pos);
