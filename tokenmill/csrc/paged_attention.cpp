@@ -38,7 +38,9 @@
 // Two inner kernels, by the number of query rows of the item:
 //   * row path (decode tokens, very short chunks): as above, the query rows packed and pre-scaled
 //     in float32, scores and values in registers, K/V read in place from the cache (bf16 widened on
-//     load).
+//     load). For bf16 on a CPU with AVX512-BF16 both passes instead run vdpbf16ps on bf16 pairs
+//     (queries and keys as dimension pairs, probabilities rounded to bf16 as key pairs): no
+//     widening, half the multiply-adds.
 //   * tile path (prompt chunks): GEMM-like, with the query rows along the vector lanes: Q is
 //     packed transposed and pre-scaled once per item (Q^T [D][M]); the block's keys are widened
 //     to float rows ([key][D], from the transposed layout) and its values ([key][D]); the scores
@@ -259,6 +261,7 @@ inline void soft_cap(float* s, int64_t n, float cap) {
 struct Scratch {
   std::vector<float> a, b, s, m, l, corr, tsum, ones, kpack, vpack;
   std::vector<int32_t> pos;
+  std::vector<uint16_t> pbf;  // row path, bf16 pairs: the probabilities rounded to bf16
   void reserve(int64_t rows, int64_t d, int64_t bs) {
     const int64_t rp = round_up(std::max<int64_t>(rows, 1), kLanes), dp = round_up(d, kLanes);
     const int64_t bp = round_up(bs, kLanes);
@@ -274,8 +277,136 @@ struct Scratch {
     grow(kpack, bp * dp);
     grow(vpack, bp * dp);
     if ((int64_t)pos.size() < rp) pos.resize(rp);
+    if ((int64_t)pbf.size() < rp * bp * blocks_per_tile(bs)) pbf.resize(rp * bp * blocks_per_tile(bs));
   }
 };
+
+// ---- bfloat16 pairs (CPUs with AVX512-BF16) ----------------------------------------------------
+
+// vdpbf16ps multiplies bf16 pairs exactly and adds both products to a float32 lane: one
+// instruction does two dimensions (scores) or two keys (values) of 16 lanes, with no widening.
+// Both paths use it for bf16 where the CPU has it; elsewhere they widen bf16 to float32.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+
+// Row path scores: s[r * s_st + c] = scale * q_r . k_c for R rows and the block's keys c < BS
+// (BS a multiple of 16), the queries packed as dimension pairs, qp[j * R + r] = (q_r[2j],
+// q_r[2j + 1]), unscaled. Dimensions 2j and 2j + 1 of 16 keys are two adjacent 32-byte runs of
+// the transposed keys; one vpermw interleaves them into the 16 (dim 2j, dim 2j + 1) pairs.
+template <int R>
+inline void row_scores_bf16(const uint32_t* qp, int DH, const bf16* kt, int BS, int s_st, float scale, float* s,
+                            SpreadPrefetch& pf) {
+  constexpr int NA = R <= 2 ? 4 : 2;  // accumulators per row over alternate pairs (DH % NA == 0)
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i il = _mm512_load_si512(kInterleave);
+  const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kt);
+  for (int c0 = 0; c0 < BS; c0 += 16) {
+    __m512 acc[NA][R];
+    TM_UNROLL
+    for (int a = 0; a < NA; ++a)
+      TM_UNROLL
+      for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
+    for (int j = 0; j < DH; j += NA) {
+      pf.step();
+      TM_UNROLL
+      for (int a = 0; a < NA; ++a) {
+        const uint16_t* lo = k16 + 2 * (j + a) * BS + c0;
+        const __m512i both = BS == 16 ? _mm512_loadu_si512(lo)
+            : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + BS)), 1);
+        const __m512bh kv = (__m512bh)_mm512_permutexvar_epi16(il, both);
+        TM_UNROLL
+        for (int r = 0; r < R; ++r)
+          acc[a][r] = _mm512_dpbf16_ps(acc[a][r], (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[(j + a) * R + r])), kv);
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      __m512 sum = acc[0][r];
+      TM_UNROLL
+      for (int a = 1; a < NA; ++a) sum = _mm512_add_ps(sum, acc[a][r]);
+      _mm512_storeu_ps(s + r * s_st + c0, _mm512_mul_ps(sum, sc));
+    }
+  }
+}
+
+// Row path values: acc_r = acc_r * corr_r + sum_{c < n} p_r[c] v_c over NC chunks of 32 dimensions
+// from d0, the probabilities as bf16 pairs of adjacent keys, pp[r * PP + c / 2] = (p_r[c],
+// p_r[c + 1]) (zero past n). vpunpck{l,h}wd of the value rows of keys c and c + 1 give the (key c,
+// key c + 1) pairs of dimensions 0-3, 8-11, 16-19, 24-27 and 4-7, 12-15, 20-23, 28-31 of a chunk:
+// the accumulators keep that "pair order" ([lo 16][hi 16] per chunk, see to_pair_order) for the
+// whole item.
+template <int R, int NC>
+inline void row_values_bf16(float* acc, int DP, int D, const bf16* v, int d0, int n, const uint32_t* pp, int PP,
+                            const float* corr) {
+  __m512 lo[R][NC], hi[R][NC];
+  TM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) {
+      lo[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * DP + d0 + 32 * k), c);
+      hi[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * DP + d0 + 32 * k + 16), c);
+    }
+  }
+  const uint16_t* v16 = reinterpret_cast<const uint16_t*>(v) + d0;
+  for (int c = 0; c < n; c += 2) {
+    __m512bh vl[NC], vh[NC];
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) {
+      const __m512i a = _mm512_loadu_si512(v16 + c * D + 32 * k);
+      const __m512i b = c + 1 < n ? _mm512_loadu_si512(v16 + (c + 1) * D + 32 * k) : _mm512_setzero_si512();
+      vl[k] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      vh[k] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[r * PP + c / 2]));
+      TM_UNROLL
+      for (int k = 0; k < NC; ++k) {
+        lo[r][k] = _mm512_dpbf16_ps(lo[r][k], vl[k], pb);
+        hi[r][k] = _mm512_dpbf16_ps(hi[r][k], vh[k], pb);
+      }
+    }
+  }
+  TM_UNROLL
+  for (int r = 0; r < R; ++r)
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) {
+      _mm512_storeu_ps(acc + r * DP + d0 + 32 * k, lo[r][k]);
+      _mm512_storeu_ps(acc + r * DP + d0 + 32 * k + 16, hi[r][k]);
+    }
+}
+
+// A row of D floats (D a multiple of 32) from natural order into pair order and back: per chunk of
+// 32 dimensions, quarters (4 dims) 0 2 4 6 then 1 3 5 7.
+inline void to_pair_order(float* a, int D) {
+  for (int d = 0; d < D; d += 32) {
+    const __m512 a0 = _mm512_loadu_ps(a + d), a1 = _mm512_loadu_ps(a + d + 16);
+    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(a0, a1, 0x88));
+    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(a0, a1, 0xDD));
+  }
+}
+
+inline void from_pair_order(float* a, int D) {
+  for (int d = 0; d < D; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(a + d), hi = _mm512_loadu_ps(a + d + 16);
+    const __m512 t0 = _mm512_shuffle_f32x4(lo, hi, 0x44), t1 = _mm512_shuffle_f32x4(lo, hi, 0xEE);
+    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(t0, t0, 0xD8));
+    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(t1, t1, 0xD8));
+  }
+}
+
+// n floats (a multiple of 16) rounded to bf16, to nearest even.
+inline void round_to_bf16(const float* src, int n, uint16_t* dst) {
+  for (int i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
 
 // ---- scalar reference (the tests' second opinion) ------------------------------------------
 
@@ -442,9 +573,17 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   float* corr = sc.corr.data();
   float* tsum = sc.tsum.data();
   float* ones = sc.ones.data();
+  // bf16 on a CPU with AVX512-BF16 (whole 16-key groups, whole 32-dim chunks): scores and values
+  // by vdpbf16ps on bf16 pairs (see row_scores_bf16, row_values_bf16); the probabilities are
+  // rounded to bf16 for the value pass, as torch's bf16 attention does. Elsewhere K/V are widened.
+  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16>;
+  const bool pairs = kPairs && BS % 16 == 0 && D % 32 == 0;
+  uint16_t* pbf = sc.pbf.data();  // [M][TS] the probabilities in bf16 (pairs)
   const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
-  const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(head_bytes, (BS + kLanes - 1) / kLanes * (D / 2));
+  // pf.step() calls per block's score pass: one per 16 keys and NA dimensions (pairs: 2 pairs).
+  const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(
+      head_bytes, (BS + kLanes - 1) / kLanes * (pairs ? D / 4 : D / 2));
   // Blocks wholly before the first row's window are never read (a windowed item has no prefix state).
   const int kb_first = std::max(x.kb0, p.first_key(x.pos0) / BS);
   // The prefetch runs kPrefetchUnits (block, head) units ahead: the first ones at once, while the
@@ -463,7 +602,10 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
       float* dst = q + (h * x.rows + r) * DP;
       for (int i = 0; i < kR; ++i) {
         const T* src = q_row(p, x, x.h0 + h, r + i);
-        for (int d = 0; d < D; ++d) dst[d * kR + i] = to_float(src[d]) * p.scale;
+        if (pairs)  // (dim 2j, dim 2j + 1) of each row, unscaled
+          for (int j = 0; j < D / 2; ++j) std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, src + 2 * j, 4);
+        else
+          for (int d = 0; d < D; ++d) dst[d * kR + i] = to_float(src[d]) * p.scale;
       }
     });
   if (x.state_in) {
@@ -474,6 +616,8 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         mx[r] = p.state_m[s_i];
         l[r] = p.state_l[s_i];
         std::copy(p.state_acc + s_i * D, p.state_acc + (s_i + 1) * D, acc + r * DP);
+        if constexpr (kPairs)
+          if (pairs) to_pair_order(acc + r * DP, D);
       }
   } else {
     std::fill(mx, mx + M, kNegInf);
@@ -498,9 +642,16 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         }
         const T* kt = p.keys(blk[b], x.h0 + h);
         for_row_groups(x.rows, [&](auto R, int r) {
+          constexpr int kR = decltype(R)::value;
           float* out = s + (r0 + r) * TS + b * SP;
-          if (BS % kLanes == 0) row_scores<decltype(R)::value, true>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
-          else row_scores<decltype(R)::value, false>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
+          if constexpr (kPairs)
+            if (pairs) {
+              row_scores_bf16<kR>(reinterpret_cast<const uint32_t*>(q + (r0 + r) * DP), D / 2, kt, BS, TS, p.scale,
+                                  out, pf);
+              return;
+            }
+          if (BS % kLanes == 0) row_scores<kR, true>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
+          else row_scores<kR, false>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
         });
         pf.finish();
       }
@@ -553,12 +704,25 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         st(corr + m, c, w);
         st(l + m, ld(l + m, w) * c + ld(tsum + m, w), w);
       }
+      if constexpr (kPairs)
+        if (pairs)
+          for (int m = r0; m < r0 + x.rows; ++m) round_to_bf16(s + m * TS, nb * SP, pbf + m * TS);
       for (int b = 0; b < nb; ++b) {
         const T* vb = p.values(blk[b], x.h0 + h);
         const int n = std::min(BS, x.key_end - (t0 + b) * BS);
         for_row_groups(x.rows, [&](auto R, int r) {  // the rescale by corr once per tile, with the first block
-          row_values<decltype(R)::value>(acc + (r0 + r) * DP, DP, D, vb, n, s + (r0 + r) * TS + b * SP, TS,
-                                         b == 0 ? corr + r0 + r : ones);
+          constexpr int kR = decltype(R)::value;
+          const float* cr = b == 0 ? corr + r0 + r : ones;
+          if constexpr (kPairs)
+            if (pairs) {
+              const uint32_t* pp = reinterpret_cast<const uint32_t*>(pbf + (r0 + r) * TS + b * SP);
+              int d0 = 0;
+              for (; d0 + 64 <= D; d0 += 64)
+                row_values_bf16<kR, 2>(acc + (r0 + r) * DP, DP, D, vb, d0, n, pp, TS / 2, cr);
+              if (d0 < D) row_values_bf16<kR, 1>(acc + (r0 + r) * DP, DP, D, vb, d0, n, pp, TS / 2, cr);
+              return;
+            }
+          row_values<kR>(acc + (r0 + r) * DP, DP, D, vb, n, s + (r0 + r) * TS + b * SP, TS, cr);
         });
       }
     }
@@ -566,7 +730,9 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   for (int h = 0; h < x.nh; ++h)
     for (int m = 0; m < x.rows; ++m) {
       T* o = out_row(p, x, x.h0 + h, m);
-      const float* a = acc + (h * x.rows + m) * DP;
+      float* a = acc + (h * x.rows + m) * DP;
+      if constexpr (kPairs)
+        if (pairs) from_pair_order(a, D);
       const float inv = 1.f / l[h * x.rows + m];
       for (int d = 0; d < D; d += kLanes) st(o + d, load(a + d) * inv, std::min(kLanes, D - d));
     }
@@ -603,11 +769,9 @@ inline void tile_scores_block(const float* qt, int MP, int D, const float* const
 }
 
 #if defined(__AVX512BF16__)
-// The bf16 tile scores: vdpbf16ps multiplies bf16 pairs exactly and adds both products to a
-// float32 lane, so one instruction does two dimensions of 16 rows. Queries and keys are packed
+// The bf16 tile scores: one vdpbf16ps does two dimensions of 16 rows. Queries and keys are packed
 // as pairs of adjacent dimensions (one uint32: dim 2j in the low half, 2j + 1 in the high), the
 // queries unscaled (their bf16 values are exact; the scale is applied to the float32 scores).
-constexpr bool kBf16Dot = true;
 
 // st[c * MP + r] = scale * sum_j qp[j * MP + r] . kp[j * BS + c] for keys c0 .. c0 + 4 (the
 // ones past the block's end repeat its last key), rows r .. r + 16 * NV.
@@ -637,8 +801,6 @@ inline void tile_scores_block_bf16(const uint32_t* qp, int MP, int DH, const uin
     TM_UNROLL
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(st + (c0 + i) * MP + r + kLanes * v, _mm512_mul_ps(a[i][v], sc));
 }
-#else
-constexpr bool kBf16Dot = false;
 #endif
 
 // Row blocks of 3 vectors, then one of 2 or 1: MP is a multiple of kLanes.
