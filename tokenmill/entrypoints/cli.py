@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the real command line (not a call from Python): run on tcmalloc where installed
+        from tokenmill.entrypoints.allocator import reexec_with_tcmalloc
+        reexec_with_tcmalloc()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
