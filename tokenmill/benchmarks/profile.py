@@ -1,8 +1,8 @@
 """`tokenmill bench profile`: where one decode step's time goes, at the batch sizes asked.
 
 For each batch size N the engine takes the first N requests of the workload (greedy, ignore_eos,
-with room to keep decoding), steps until all N are decoding together (no prompt chunk left), and
-then times `--steps` decode steps twice:
+final outputs only as LLM.generate asks for them, with room to keep decoding), steps until all N
+are decoding together (no prompt chunk left), and then times `--steps` decode steps twice:
 
   * plain, for the whole step as the engine runs it;
   * with a wall clock around every part of it: the scheduler, the model's projections (every
@@ -145,7 +145,7 @@ def _kv_bytes_per_token(engine) -> int:
 
 def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
     """Bring `batch_size` requests to a steady decode batch, then time `steps` steps plain and instrumented."""
-    from tokenmill import SamplingParams
+    from tokenmill import RequestOutputKind, SamplingParams
 
     engine = llm.llm_engine
     if len(records) < batch_size:
@@ -158,7 +158,9 @@ def profile_batch(llm, records, batch_size: int, steps: int) -> dict:
     if max_tokens < 2 * steps + 2:
         raise ValueError("max_model_len leaves too little room after the prompts for the steps asked")
     ids = [f"profile-{batch_size}-{i}" for i in range(batch_size)]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    # Final outputs only, as LLM.generate asks for them (no per-step RequestOutput per request).
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for rid, rec in zip(ids, chosen):
         engine.add_request(rid, {"prompt_token_ids": rec.prompt_token_ids}, params)
     seen: list = []
