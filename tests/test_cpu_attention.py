@@ -165,6 +165,20 @@ def test_other_head_dims(ext, head_dim):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [16, 32, 8])
+@pytest.mark.parametrize("head_dim", [32, 128, 40])
+def test_bfloat16_decode_shapes(ext, head_dim, block_size):
+    """bf16 decodes and short chunks (the row path) over the shapes its bf16-pair kernels split on
+    where the CPU has AVX512-BF16: one or two 64-dim value passes and a 32-dim one (head_dim 32,
+    128), 16-key groups read as one or two runs (block 16, 32), and the widening fallback (head_dim
+    40, block 8); odd key counts in the last block throughout."""
+    rng = random.Random(head_dim + block_size)
+    specs = [(rng.randrange(1, 200), 1) for _ in range(12)] + [(rng.randrange(1, 200), 2) for _ in range(3)]
+    for heads in [(9, 3), (4, 4)]:
+        out, ref, _ = run_both(specs, *heads, head_dim, block_size, torch.bfloat16)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_scalar_reference_path(ext):
     """The portable scalar kernel (used where AVX2/FMA are missing) agrees as well."""
     rng = random.Random(3)
