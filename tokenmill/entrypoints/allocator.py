@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 DISABLE_ENV = "TOKENMILL_TCMALLOC"
-# Where Debian-family distributions and conda put it; find_library covers the rest of ld's path.
+# Where Debian/Ubuntu and Fedora-family distributions put it; find_library covers the rest of ld's path.
 CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
               "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
 
@@ -33,11 +33,8 @@ def find_tcmalloc() -> str | None:
         if Path(path).is_file():
             return path
     for name in ("tcmalloc_minimal", "tcmalloc"):
-        found = ctypes.util.find_library(name)  # a soname such as libtcmalloc_minimal.so.4
+        found = ctypes.util.find_library(name)  # a soname (libtcmalloc_minimal.so.4): LD_PRELOAD takes it as is
         if found:
-            for libdir in ("/usr/lib", "/usr/lib64", "/lib", "/usr/local/lib", sys.prefix + "/lib"):
-                if Path(libdir, found).is_file():
-                    return str(Path(libdir, found))
             return found
     return None
 
