@@ -224,7 +224,7 @@ def test_bad_inputs_are_rejected(ext):
     with pytest.raises(RuntimeError, match="out of range"):
         backend.forward(q, k, v, cache, md, 0.125)
     md = backend.prepare(inputs)
-    with pytest.raises(RuntimeError, match="same dtype"):
+    with pytest.raises(RuntimeError, match="q's dtype, or be int8"):
         backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache, md, 0.125)
     md.slot_mapping = md.slot_mapping + cache.shape[1] * 16  # past the last block (block size 16)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -24,6 +24,7 @@ using bf16 = c10::BFloat16;
 
 inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
 
 #if defined(__AVX512F__)
@@ -57,6 +58,23 @@ inline vfloat load(const bf16* p) {
   vhalf h;
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<vfloat>(__builtin_convertvector(h, vuint) << 16);
+#endif
+}
+
+// int8 (an 8-bit KV cache) widened exactly: one sign extension (vpmovsxbd) and one conversion
+// per vector. GCC 12 scalarises __builtin_convertvector from an int8 vector (16 vcvtsi2ss), so the
+// AVX-512 and AVX2 forms are spelled out; the generic one is for the other targets.
+inline vfloat load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+      reinterpret_cast<const __m128i*>(p)))));
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
 #endif
 }
 

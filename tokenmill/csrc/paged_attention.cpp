@@ -65,6 +65,15 @@
 // and AVX2 code on an AVX2 one. A plain scalar reference implementation (same online softmax, one
 // row and one key at a time) is exposed to the tests through simd=False.
 //
+// int8 KV cache (opt-in, kv_cache_dtype="int8"). kv_cache is int8 [2, num_blocks, KVH, BS * (D + 4)]:
+// each (block, KV head) unit holds its BS * D int8s as above (keys transposed, values as rows),
+// then BS float32 scales, one per key (per value row). A row of D elements is stored as
+// round(x / scale), scale = max |x| / 127, when it is written (write_kv_rows_int8): per token and
+// head, so a block filled one decode step at a time never needs requantizing. The kernel reads
+// half the bytes of a bf16 cache. The int8s are widened to float32 exactly; a block's scores are
+// multiplied by its key scales, and its probabilities by its value scales before the value pass
+// (the softmax sum uses the unscaled ones), so the dequantized cache is never materialised. The
+// queries and outputs keep their dtype; the bf16-pair (vdpbf16ps) paths are for a bf16 cache only.
 // Numerics: float32 accumulation everywhere (bf16 inputs are widened exactly, outputs rounded to
 // nearest even once); exp is a Cephes-style polynomial with ~1-2 ulp error. Float32 outputs match
 // SDPA to float32 rounding (~1e-6 relative), not bitwise (summation order differs).
@@ -110,14 +119,17 @@ inline int blocks_per_tile(int64_t block_size) { return static_cast<int>(std::ma
 
 // ---- the problem, as raw pointers and strides ------------------------------------------------
 
-template <typename T, typename I>
+// T: the queries' and outputs' dtype; I: the block tables' index type; C: the cache's element
+// type, T itself or int8_t (an 8-bit cache: see "int8 KV cache" at the top).
+template <typename T, typename I, typename C>
 struct Problem {
+  static constexpr bool kQuant = std::is_same_v<C, int8_t>;
   const T* q;
   int64_t q_st, q_sh;  // token and head strides of q
-  const T* k_cache;    // kv_cache[0]
-  const T* v_cache;    // kv_cache[1]
-  int64_t blk_st;      // block stride = KVH * BS * D
-  int64_t head_st;     // KV head stride within a block = BS * D
+  const C* k_cache;    // kv_cache[0]
+  const C* v_cache;    // kv_cache[1]
+  int64_t blk_st;      // block stride = KVH * head_st
+  int64_t head_st;     // KV head stride within a block: BS * D (int8: BS * (D + 4), the scales after the data)
   const I* tables;
   int64_t table_st;
   const int32_t* qsl;
@@ -137,8 +149,16 @@ struct Problem {
   // The first key the row at position pos sees.
   int first_key(int pos) const { return window > 0 ? std::max(0, pos - window + 1) : 0; }
 
-  const T* keys(int64_t block, int h) const { return k_cache + block * blk_st + h * head_st; }  // [D][BS]
-  const T* values(int64_t block, int h) const { return v_cache + block * blk_st + h * head_st; }  // [BS][D]
+  const C* keys(int64_t block, int h) const { return k_cache + block * blk_st + h * head_st; }  // [D][BS]
+  const C* values(int64_t block, int h) const { return v_cache + block * blk_st + h * head_st; }  // [BS][D]
+  // int8: the float32 scale of each of the block's BS keys (values), after its BS * D int8s.
+  const float* key_scales(int64_t block, int h) const { return scales_of(keys(block, h)); }
+  const float* value_scales(int64_t block, int h) const { return scales_of(values(block, h)); }
+  const float* scales_of(const C* unit) const {
+    return reinterpret_cast<const float*>(unit + static_cast<int64_t>(block_size) * head_dim);
+  }
+  // The bytes of one (block, KV head) unit of K (or V), its scales included.
+  int64_t unit_bytes() const { return head_st * static_cast<int64_t>(sizeof(C)); }
 };
 
 // One item's geometry: query tokens j0 .. j0 + qn of request req, KV heads h0 .. h0 + nh, keys
@@ -151,8 +171,8 @@ struct Item {
 };
 
 // An item of the plan: (request, first query, query count, first KV head, KV heads, first key).
-template <typename T, typename I>
-inline Item make_item(const Problem<T, I>& p, const int32_t* it) {
+template <typename T, typename I, typename C>
+inline Item make_item(const Problem<T, I, C>& p, const int32_t* it) {
   Item x;
   x.req = it[0];
   int j0 = it[1];
@@ -173,8 +193,8 @@ inline Item make_item(const Problem<T, I>& p, const int32_t* it) {
 // An item of the shared-prefix plan: (a request of the group, first flat token, token count, KV
 // head, prefix keys). Its tokens, of consecutive requests that all hold the same first blocks and
 // sit after them, attend to those keys with no mask (every key precedes every query).
-template <typename T, typename I>
-inline Item make_prefix_item(const Problem<T, I>& p, const int32_t* it) {
+template <typename T, typename I, typename C>
+inline Item make_prefix_item(const Problem<T, I, C>& p, const int32_t* it) {
   Item x;
   x.req = it[0];
   x.t0 = it[1];
@@ -191,25 +211,25 @@ inline Item make_prefix_item(const Problem<T, I>& p, const int32_t* it) {
 }
 
 // The state slot of row m of KV head h (item rows numbered as in Item).
-template <typename T, typename I>
-inline int64_t state_index(const Problem<T, I>& p, const Item& x, int h, int m) {
+template <typename T, typename I, typename C>
+inline int64_t state_index(const Problem<T, I, C>& p, const Item& x, int h, int m) {
   return static_cast<int64_t>(x.t0 + m / p.group) * p.num_heads + h * p.group + m % p.group;
 }
 
-template <typename T, typename I>
-inline const T* q_row(const Problem<T, I>& p, const Item& x, int h, int m) {
+template <typename T, typename I, typename C>
+inline const T* q_row(const Problem<T, I, C>& p, const Item& x, int h, int m) {
   int j = m / p.group, g = m % p.group;
   return p.q + (x.t0 + j) * p.q_st + (h * p.group + g) * p.q_sh;
 }
 
-template <typename T, typename I>
-inline T* out_row(const Problem<T, I>& p, const Item& x, int h, int m) {
+template <typename T, typename I, typename C>
+inline T* out_row(const Problem<T, I, C>& p, const Item& x, int h, int m) {
   int j = m / p.group, g = m % p.group;
   return p.out + (x.t0 + j) * p.o_st + (h * p.group + g) * p.o_sh;
 }
 
-template <typename T, typename I>
-inline int64_t block_of(const Problem<T, I>& p, const Item& x, int kb) {
+template <typename T, typename I, typename C>
+inline int64_t block_of(const Problem<T, I, C>& p, const Item& x, int kb) {
   return static_cast<int64_t>(p.tables[x.req * p.table_st + kb]);
 }
 
@@ -410,8 +430,8 @@ constexpr bool kBf16Dot = false;
 
 // ---- scalar reference (the tests' second opinion) ------------------------------------------
 
-template <typename T, typename I>
-void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
+template <typename T, typename I, typename C>
+void run_item_scalar(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
   const int D = p.head_dim, BS = p.block_size;
   float* acc = sc.a.data();
   for (int h = x.h0; h < x.h0 + x.nh; ++h) {
@@ -422,16 +442,21 @@ void run_item_scalar(const Problem<T, I>& p, const Item& x, Scratch& sc) {
       std::fill(acc, acc + D, 0.f);
       for (int key = p.first_key(pos); key <= pos; ++key) {
         const int64_t blk = block_of(p, x, key / BS);
-        const T* kt = p.keys(blk, h) + key % BS;
-        const T* v = p.values(blk, h) + (key % BS) * D;
+        const C* kt = p.keys(blk, h) + key % BS;
+        const C* v = p.values(blk, h) + (key % BS) * D;
+        float ks = 1.f, vs = 1.f;  // int8: the key's and the value's scales
+        if constexpr (Problem<T, I, C>::kQuant) {
+          ks = p.key_scales(blk, h)[key % BS];
+          vs = p.value_scales(blk, h)[key % BS];
+        }
         float s = 0.f;
-        for (int d = 0; d < D; ++d) s += to_float(q[d]) * to_float(kt[d * BS]);
+        for (int d = 0; d < D; ++d) s += to_float(q[d]) * (to_float(kt[d * BS]) * ks);
         s *= p.scale;
         if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
         const float mnew = std::max(mx, s);
         const float corr = std::exp(mx - mnew), e = std::exp(s - mnew);
         l = l * corr + e;
-        for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * to_float(v[d]);
+        for (int d = 0; d < D; ++d) acc[d] = acc[d] * corr + e * (to_float(v[d]) * vs);
         mx = mnew;
       }
       T* o = out_row(p, x, h, m);
@@ -530,6 +555,16 @@ inline void row_values(float* acc, int DP, int D, const T* v, int n, const float
   }
 }
 
+// a[r * st + c] *= scale[c] for rows r < rows and columns c < n: an int8 cache's per-key scales
+// applied to a block's scores (key scales) or to its probabilities (value scales).
+inline void scale_columns(float* a, int rows, int stride, const float* scale, int n) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < n; c += kLanes) {
+      const int w = std::min(kLanes, n - c);
+      st(a + r * stride + c, ld(a + r * stride + c, w) * ld(scale + c, w), w);
+    }
+}
+
 template <typename Fn>
 inline void for_row_groups(int rows, Fn&& fn) {
   // Groups of up to 4 rows: 4 score accumulators, or 4 x 3 value accumulators, in registers.
@@ -560,8 +595,8 @@ struct UnitCursor {
   }
 };
 
-template <typename T, typename I>
-void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
+template <typename T, typename I, typename C>
+void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
   const int D = p.head_dim, BS = p.block_size, M = x.rows * x.nh;  // rows of head h0 + i are rows i * x.rows ...
   const int DP = static_cast<int>(round_up(D, kLanes)), SP = static_cast<int>(round_up(BS, kLanes));
   const int TB = blocks_per_tile(BS), TS = TB * SP;  // a softmax step covers TB blocks; block b's scores at b * SP
@@ -576,10 +611,11 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   // bf16 on a CPU with AVX512-BF16 (whole 16-key groups, whole 32-dim chunks): scores and values
   // by vdpbf16ps on bf16 pairs (see row_scores_bf16, row_values_bf16); the probabilities are
   // rounded to bf16 for the value pass, as torch's bf16 attention does. Elsewhere K/V are widened.
-  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16>;
+  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16> && std::is_same_v<C, bf16>;
+  constexpr bool kQuant = Problem<T, I, C>::kQuant;
   const bool pairs = kPairs && BS % 16 == 0 && D % 32 == 0;
   uint16_t* pbf = sc.pbf.data();  // [M][TS] the probabilities in bf16 (pairs)
-  const int64_t head_bytes = static_cast<int64_t>(BS) * D * sizeof(T);  // K (or V) of one head of a block
+  const int64_t head_bytes = p.unit_bytes();  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
   // pf.step() calls per block's score pass: one per 16 keys and NA dimensions (pairs: 2 pairs).
   const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(
@@ -640,7 +676,7 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
                               pf_per_step);
           ahead.advance();
         }
-        const T* kt = p.keys(blk[b], x.h0 + h);
+        const C* kt = p.keys(blk[b], x.h0 + h);
         for_row_groups(x.rows, [&](auto R, int r) {
           constexpr int kR = decltype(R)::value;
           float* out = s + (r0 + r) * TS + b * SP;
@@ -653,6 +689,7 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
           if (BS % kLanes == 0) row_scores<kR, true>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
           else row_scores<kR, false>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
         });
+        if constexpr (kQuant) scale_columns(s + r0 * TS + b * SP, x.rows, TS, p.key_scales(blk[b], x.h0 + h), BS);
         pf.finish();
       }
       // The softmax step of each row over the tile: key k of block b is visible iff it exists and
@@ -708,8 +745,10 @@ void run_item_rows(const Problem<T, I>& p, const Item& x, Scratch& sc) {
         if (pairs)
           for (int m = r0; m < r0 + x.rows; ++m) round_to_bf16(s + m * TS, nb * SP, pbf + m * TS);
       for (int b = 0; b < nb; ++b) {
-        const T* vb = p.values(blk[b], x.h0 + h);
+        const C* vb = p.values(blk[b], x.h0 + h);
         const int n = std::min(BS, x.key_end - (t0 + b) * BS);
+        // int8: each key's probability times its value's scale (l has the unscaled sum already).
+        if constexpr (kQuant) scale_columns(s + r0 * TS + b * SP, x.rows, TS, p.value_scales(blk[b], x.h0 + h), n);
         for_row_groups(x.rows, [&](auto R, int r) {  // the rescale by corr once per tile, with the first block
           constexpr int kR = decltype(R)::value;
           const float* cr = b == 0 ? corr + r0 + r : ones;
@@ -900,25 +939,28 @@ inline void pair_keys(const bf16* kt, int BS, int D, uint32_t* kp) {
   }
 }
 
-// The block's first n keys as float rows kf[c][d] (stride DP), from the transposed kt [D][BS].
+// The block's first n keys as float rows kf[c][d] (stride DP), from the transposed kt [D][BS];
+// an int8 cache's keys times their scales (scale: BS floats, null otherwise).
 template <typename T>
-inline void widen_keys(const T* kt, int BS, int D, int n, int DP, float* kf) {
+inline void widen_keys(const T* kt, int BS, int D, int n, int DP, float* kf, const float* scale) {
   for (int d = 0; d < D; ++d)
-    for (int c = 0; c < n; ++c) kf[c * DP + d] = to_float(kt[d * BS + c]);
+    for (int c = 0; c < n; ++c) kf[c * DP + d] = to_float(kt[d * BS + c]) * (scale ? scale[c] : 1.f);
 }
 
-// The block's first n value rows as float rows vf[c][d] (stride DP).
+// The block's first n value rows as float rows vf[c][d] (stride DP); int8: times their scales.
 template <typename T>
-inline void widen_values(const T* v, int D, int n, int DP, float* vf) {
-  for (int c = 0; c < n; ++c)
+inline void widen_values(const T* v, int D, int n, int DP, float* vf, const float* scale) {
+  for (int c = 0; c < n; ++c) {
+    const float sc = scale ? scale[c] : 1.f;
     for (int d = 0; d < D; d += kLanes) {
       const int w = std::min(kLanes, D - d);
-      store(vf + c * DP + d, ld(v + c * D + d, w));
+      store(vf + c * DP + d, ld(v + c * D + d, w) * sc);
     }
+  }
 }
 
-template <typename T, typename I>
-void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
+template <typename T, typename I, typename C>
+void run_item_tile(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
   const int D = p.head_dim, M = x.rows, BS = p.block_size;
   const int MP = static_cast<int>(round_up(M, kLanes)), DP = static_cast<int>(round_up(D, kLanes));
   float* qt = sc.a.data();  // Q^T [D][MP], pre-scaled
@@ -932,7 +974,7 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
   int32_t* pos = sc.pos.data();
   // bf16 on a CPU with AVX512-BF16: scores from bf16 pairs (Q packed [D/2][MP], K per block
   // [D/2][BS]) instead of widened floats; the values stay float32.
-  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16>;
+  constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16> && std::is_same_v<C, bf16>;
   const bool pairs = kPairs && D % 2 == 0;
   uint32_t* qp = reinterpret_cast<uint32_t*>(qt);
   uint32_t* kp = reinterpret_cast<uint32_t*>(kf);
@@ -979,10 +1021,10 @@ void run_item_tile(const Problem<T, I>& p, const Item& x, Scratch& sc) {
       }
     }
     if (!pairs) {
-      widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf);
+      widen_keys(p.keys(blk, x.h0), BS, D, n, DP, kf, Problem<T, I, C>::kQuant ? p.key_scales(blk, x.h0) : nullptr);
       tile_scores(qt, MP, D, kf, DP, n, st);
     }
-    widen_values(p.values(blk, x.h0), D, n, DP, vf);
+    widen_values(p.values(blk, x.h0), D, n, DP, vf, Problem<T, I, C>::kQuant ? p.value_scales(blk, x.h0) : nullptr);
     if (p.softcap > 0.f) soft_cap(st, static_cast<int64_t>(n) * MP, p.softcap);
     // Some key lies after some row's position, or before some row's window.
     const bool diagonal = k0 + n - 1 > x.pos0 || k0 < p.first_key(last_pos);
@@ -1058,8 +1100,8 @@ void for_each_item(int64_t n, int64_t max_rows, int64_t head_dim, int64_t block_
 
 // The shared-prefix items first (their state is what the requests' own items continue from), then
 // the plan's items. The scalar reference ignores the prefix plan: it attends every key itself.
-template <typename T, typename I>
-void run(const Problem<T, I>& p, const int32_t* plan, int64_t num_items, const int32_t* prefix_plan,
+template <typename T, typename I, typename C>
+void run(const Problem<T, I, C>& p, const int32_t* plan, int64_t num_items, const int32_t* prefix_plan,
          int64_t num_prefix_items, bool simd) {
   int64_t max_rows = 1;
   for (int64_t i = 0; i < num_items; ++i) max_rows = std::max<int64_t>(max_rows, plan[i * kPlanCols + 2] * plan[i * kPlanCols + 4]);
@@ -1104,6 +1146,47 @@ void write_kv_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
         const T* src = kd + t * ks0 + h * ks1;
         for (int64_t d = 0; d < D; ++d) kt[d * BS] = src[d];
         std::memcpy(vc + base + h * head_st + off * D, vd + t * vs0 + h * vs1, D * sizeof(T));
+      }
+    }
+  });
+}
+
+// One (token, KV head) row of D elements to int8 with its own scale, absmax / 127: q[d] =
+// round-half-even(x[d] / scale) (|q| <= 127; an all-zero row has scale 0 and zeros). dst[d * step]
+// takes element d (keys transposed: step BS; values: step 1).
+template <typename T>
+inline float quantize_row(const T* x, int64_t D, int8_t* dst, int64_t step) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(x[d])));
+  const float scale = amax / 127.f;
+  for (int64_t d = 0; d < D; ++d)
+    dst[d * step] = scale > 0.f ? static_cast<int8_t>(std::nearbyint(to_float(x[d]) / scale)) : 0;
+  return scale;
+}
+
+// k, v [T, KVH, D] into an int8 cache's slots: each row quantized (quantize_row), its scale stored
+// at the slot's index among the BS floats after its block's and head's BS * D int8s.
+template <typename T>
+void write_kv_rows_int8(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache,
+                        const torch::Tensor& slot_mapping, int64_t BS) {
+  const int64_t T_ = k.size(0), KVH = k.size(1), D = k.size(2);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const T* kd = k.data_ptr<T>();
+  const T* vd = v.data_ptr<T>();
+  int8_t* kc = kv_cache.data_ptr<int8_t>();
+  int8_t* vc = kc + kv_cache.stride(0);
+  const int64_t blk_st = kv_cache.stride(1), head_st = kv_cache.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, T_, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t base = slots[t] / BS * blk_st, off = slots[t] % BS;
+      for (int64_t h = 0; h < KVH; ++h) {
+        int8_t* ku = kc + base + h * head_st;
+        int8_t* vu = vc + base + h * head_st;
+        const float ksc = quantize_row(kd + t * ks0 + h * ks1, D, ku + off, BS);
+        const float vsc = quantize_row(vd + t * vs0 + h * vs1, D, vu + off * D, 1);
+        std::memcpy(ku + BS * D + off * 4, &ksc, 4);
+        std::memcpy(vu + BS * D + off * 4, &vsc, 4);
       }
     }
   });
@@ -1261,12 +1344,14 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
               "kv_cache must be a contiguous [2, num_blocks, KVH, block_size * D] tensor");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "only float32 and bfloat16 are supported");
-  TORCH_CHECK(kv_cache.scalar_type() == dtype, "q and kv_cache must have the same dtype");
+  const bool quant = kv_cache.scalar_type() == torch::kInt8;
+  TORCH_CHECK(quant || kv_cache.scalar_type() == dtype, "kv_cache must have q's dtype, or be int8");
   const int64_t T_ = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t num_blocks = kv_cache.size(1), KVH = kv_cache.size(2);
-  TORCH_CHECK(D > 0 && kv_cache.size(3) % D == 0, "kv_cache's last dimension (", kv_cache.size(3),
-              ") is not block_size x head_dim of q (", D, ")");
-  const int64_t BS = kv_cache.size(3) / D;
+  const int64_t per_key = quant ? D + 4 : D;  // an int8 cache's keys carry a float32 scale each
+  TORCH_CHECK(D > 0 && kv_cache.size(3) % per_key == 0, "kv_cache's last dimension (", kv_cache.size(3),
+              ") is not block_size x ", quant ? "(head_dim + 4)" : "head_dim", " of q (head_dim ", D, ")");
+  const int64_t BS = kv_cache.size(3) / per_key;
   TORCH_CHECK(KVH > 0 && H % KVH == 0, "num_heads (", H, ") must be a multiple of num_kv_heads (", KVH, ")");
   const int64_t R = seq_lens.numel();
   check_int_vector(query_start_loc, "query_start_loc", R + 1);
@@ -1288,7 +1373,7 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     for (const torch::Tensor* t : {&*k, &*v}) {
       TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->size(0) == T_ && t->size(1) == KVH &&
                       t->size(2) == D && t->stride(2) == 1 && t->scalar_type() == dtype,
-                  "k and v must be CPU [T, KVH, D] tensors of the cache's dtype, with a contiguous last dim");
+                  "k and v must be CPU [T, KVH, D] tensors of q's dtype, with a contiguous last dim");
     }
     const torch::Tensor& sm = *slot_mapping;
     TORCH_CHECK(sm.device().is_cpu() && sm.scalar_type() == torch::kInt64 && sm.dim() == 1 && sm.numel() == T_ &&
@@ -1297,7 +1382,9 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     const int64_t* s = sm.data_ptr<int64_t>();
     for (int64_t t = 0; t < T_; ++t)
       TORCH_CHECK(s[t] >= 0 && s[t] < num_blocks * BS, "slot_mapping[", t, "] = ", s[t], " is out of range");
-    if (dtype == torch::kFloat32) write_kv_rows<float>(*k, *v, kv_cache, sm, BS);
+    if (quant && dtype == torch::kFloat32) write_kv_rows_int8<float>(*k, *v, kv_cache, sm, BS);
+    else if (quant) write_kv_rows_int8<bf16>(*k, *v, kv_cache, sm, BS);
+    else if (dtype == torch::kFloat32) write_kv_rows<float>(*k, *v, kv_cache, sm, BS);
     else write_kv_rows<bf16>(*k, *v, kv_cache, sm, BS);
   }
 
@@ -1362,16 +1449,17 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
   // The shared-prefix pass's running max, sum and output per (token, query head), float32.
   torch::Tensor state;
   if (n_prefix > 0 && simd) state = torch::empty({T_ * H * (D + 2)}, q.options().dtype(torch::kFloat32));
-  auto launch = [&](auto* tag_t, auto* tag_i) {
+  auto launch = [&](auto* tag_t, auto* tag_i, auto* tag_c) {
     using TT = std::remove_pointer_t<decltype(tag_t)>;
     using II = std::remove_pointer_t<decltype(tag_i)>;
+    using CC = std::remove_pointer_t<decltype(tag_c)>;
     const II* tables = block_tables.data_ptr<II>();
     check_tables(tables);
-    Problem<TT, II> p;
+    Problem<TT, II, CC> p;
     p.q = q.data_ptr<TT>();
     p.q_st = q.stride(0);
     p.q_sh = q.stride(1);
-    p.k_cache = kv_cache.data_ptr<TT>();
+    p.k_cache = kv_cache.data_ptr<CC>();
     p.v_cache = p.k_cache + kv_cache.stride(0);
     p.blk_st = kv_cache.stride(1);
     p.head_st = kv_cache.stride(2);
@@ -1395,14 +1483,17 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     p.softcap = static_cast<float>(softcap);
     run(p, pl, n_items, pp, n_prefix, simd);
   };
-  const bool i64 = block_tables.scalar_type() == torch::kInt64;
-  if (dtype == torch::kFloat32) {
-    if (i64) launch(static_cast<float*>(nullptr), static_cast<int64_t*>(nullptr));
-    else launch(static_cast<float*>(nullptr), static_cast<int32_t*>(nullptr));
-  } else {
-    if (i64) launch(static_cast<bf16*>(nullptr), static_cast<int64_t*>(nullptr));
-    else launch(static_cast<bf16*>(nullptr), static_cast<int32_t*>(nullptr));
-  }
+  // (queries, tables, cache) element types: the cache is q's dtype or int8.
+  auto with_cache = [&](auto* tag_t, auto* tag_i) {
+    if (quant) launch(tag_t, tag_i, static_cast<int8_t*>(nullptr));
+    else launch(tag_t, tag_i, tag_t);
+  };
+  auto with_tables = [&](auto* tag_t) {
+    if (block_tables.scalar_type() == torch::kInt64) with_cache(tag_t, static_cast<int64_t*>(nullptr));
+    else with_cache(tag_t, static_cast<int32_t*>(nullptr));
+  };
+  if (dtype == torch::kFloat32) with_tables(static_cast<float*>(nullptr));
+  else with_tables(static_cast<bf16*>(nullptr));
   return out;
 }
 

@@ -61,7 +61,8 @@ class LLMEngine:
         # The fused RMSNorm / SiLU x up / RoPE kernels come with the extension wherever it builds.
         ops = load_extension() if cpu_ops_available() else None
         model = load_model(folder, self.hf_config, dtype, backend, config.max_model_len, ops)
-        bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, dtype)
+        cache_dtype = config.kv_cache_torch_dtype
+        bytes_per_block = kv_bytes_per_block(self.hf_config, config.block_size, cache_dtype)
         num_blocks = config.num_kv_blocks or config.kv_cache_bytes() // bytes_per_block
         if num_blocks * config.block_size < config.max_model_len:
             raise ValueError(
@@ -70,8 +71,8 @@ class LLMEngine:
                 f"(or num_kv_blocks) or lower max_model_len")
         num_host_blocks = config.swap_space // bytes_per_block if config.preemption_mode == "swap" else 0
         self.scheduler = Scheduler.from_config(config, num_blocks, num_host_blocks)
-        kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, dtype)
-        host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, dtype) \
+        kv_caches = allocate_kv_caches(self.hf_config, num_blocks, config.block_size, cache_dtype)
+        host_caches = allocate_kv_caches(self.hf_config, num_host_blocks, config.block_size, cache_dtype) \
             if num_host_blocks else []
         self.kv_connector = make_kv_connector(config, kv_caches)
         self.runner = ModelRunner(model, kv_caches, config.block_size, backend, config.seed, host_caches, ops,

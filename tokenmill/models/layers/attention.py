@@ -10,6 +10,12 @@ csrc/paged_attention.cpp). Token p of request i lives in slot  block_tables[i][p
 block_size + p % block_size. A layer first writes the new K/V into their slots (slot_mapping), then
 each query attends causally over its own request's cached tokens, reached through the block table.
 
+An 8-bit cache (kv_cache_dtype="int8") is an int8 tensor of `kv_cache_shape(..., quantized=True)` =
+[2, num_blocks, num_kv_heads, block_size * (head_dim + 4)]: each (block, KV head) unit holds the
+same keys and values as int8s (`quantized_views`), then one float32 scale per token, as four bytes
+each. Every (token, head) row of K and of V is stored as round(x / s) with s = max|x| / 127
+(`quantize_rows`), and read back as int8 * s. Both backends read it.
+
 Two per-layer options go to `forward` (the metadata is per step and shared by every layer):
 `sliding_window` W (a query at position p sees keys p - W + 1 .. p, as transformers' sliding-window
 mask; Mistral's `sliding_window`, Gemma's local layers) and `softcap` c (scores become
@@ -50,9 +56,32 @@ class AttentionBackend(ABC):
         """q: [T, H, D]; k, v: [T, KVH, D] (new tokens). Writes k, v to the cache; returns [T, H, D]."""
 
 
-def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-    """The shape of one layer's KV cache tensor (keys and values of every block)."""
-    return (2, num_blocks, num_kv_heads, block_size * head_dim)
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                   quantized: bool = False) -> tuple[int, ...]:
+    """The shape of one layer's KV cache tensor (keys and values of every block); quantized: of an
+    int8 cache, whose every key and value row carries a float32 scale (4 more bytes)."""
+    return (2, num_blocks, num_kv_heads, block_size * (head_dim + 4 if quantized else head_dim))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scales [...]): per row, s = max|x| / 127 and
+    q = round-half-even(x / s), float32 arithmetic (an all-zero row: s = 0, q = 0). The C++ kernel
+    quantizes the same way, bit for bit."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    q = torch.where(scale[..., None] > 0, torch.round(x / scale[..., None]), 0.0)
+    return q.to(torch.int8), scale
+
+
+def quantized_views(kv_cache: torch.Tensor, head_dim: int):
+    """An int8 cache as (keys [num_blocks, KVH, D, BS] int8, values [num_blocks, KVH, BS, D] int8,
+    key scales [num_blocks, KVH, BS] float32, value scales [num_blocks, KVH, BS] float32)."""
+    num_blocks, num_kv_heads, per_head = kv_cache.shape[1:]
+    block_size = per_head // (head_dim + 4)
+    data, scales = kv_cache[..., : block_size * head_dim], kv_cache[..., block_size * head_dim:].view(torch.float32)
+    keys = data[0].unflatten(-1, (head_dim, block_size))
+    values = data[1].unflatten(-1, (block_size, head_dim))
+    return keys, values, scales[0], scales[1]
 
 
 def key_view(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -68,12 +97,33 @@ def value_view(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D] into the cache slots slot_mapping [T]."""
+    """k, v: [T, KVH, D] into the cache slots slot_mapping [T] (an int8 cache: quantized)."""
     head_dim = k.shape[-1]
+    if kv_cache.dtype == torch.int8:
+        keys, values, key_scales, value_scales = quantized_views(kv_cache, head_dim)
+        blocks, offsets = slot_mapping // keys.shape[-1], slot_mapping % keys.shape[-1]
+        (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+        keys[blocks, :, :, offsets] = kq
+        values[blocks, :, offsets] = vq
+        key_scales[blocks, :, offsets] = ks
+        value_scales[blocks, :, offsets] = vs
+        return
     block_size = kv_cache.shape[-1] // head_dim
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     key_view(kv_cache, head_dim)[blocks, :, :, offsets] = k
     value_view(kv_cache, head_dim)[blocks, :, offsets] = v
+
+
+def gather_kv(kv_cache: torch.Tensor, head_dim: int, blocks: torch.Tensor, offsets: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values at (blocks, offsets) (any matching index shape [...]), as [..., KVH, D] of
+    `dtype` (an int8 cache: int8 * scale in float32, then rounded to dtype)."""
+    if kv_cache.dtype == torch.int8:
+        keys, values, key_scales, value_scales = quantized_views(kv_cache, head_dim)
+        k = keys[blocks, :, :, offsets].float() * key_scales[blocks, :, offsets][..., None]
+        v = values[blocks, :, offsets].float() * value_scales[blocks, :, offsets][..., None]
+        return k.to(dtype), v.to(dtype)
+    return key_view(kv_cache, head_dim)[blocks, :, :, offsets], value_view(kv_cache, head_dim)[blocks, :, offsets]
 
 
 @dataclass
@@ -158,15 +208,14 @@ class TorchPagedAttention(AttentionBackend):
         write_kv(kv_cache, k, v, metadata.slot_mapping)
         head_dim = q.shape[-1]
         num_kv_heads = kv_cache.shape[2]
-        keys, values = key_view(kv_cache, head_dim), value_view(kv_cache, head_dim)
         out = torch.empty_like(q)
         num_heads = q.shape[1]
         for g in metadata.groups:
             qg = q.new_zeros(g.batch * g.max_q, num_heads, head_dim)
             qg[g.pad_index] = q[g.row_index]
             qg = qg.view(g.batch, g.max_q, num_heads, head_dim).transpose(1, 2)
-            kg = keys[g.key_blocks, :, :, g.key_offsets].transpose(1, 2)  # [B, S, KVH, D] -> [B, KVH, S, D]
-            vg = values[g.key_blocks, :, g.key_offsets].transpose(1, 2)
+            kg, vg = gather_kv(kv_cache, head_dim, g.key_blocks, g.key_offsets, q.dtype)
+            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [B, S, KVH, D] -> [B, KVH, S, D]
             mask = g.mask_for(sliding_window)
             if softcap:
                 og = softcapped_attention(qg, kg, vg, mask, scale, softcap)

@@ -22,6 +22,9 @@ log-sum-exp merge of cascade attention, done in place, so the result is the same
 float32 rounding). Decode steps of requests that share a long system prompt read the prefix's K/V
 once per step instead of once per request.
 
+An int8 cache (kv_cache_dtype="int8"; layout in attention.py) goes to the same kernel, which reads
+the int8s and their scales in place; its prompt chunks never go to SDPA.
+
 Sliding-window layers (`sliding_window`) and soft-capped ones (`softcap`) are arguments of the same
 kernel. A windowed layer is planned without the shared-prefix pass (its queries do not see the
 whole prefix), so its plan is cached apart; SDPA takes a windowed layer's chunks with the window in
@@ -113,7 +116,8 @@ class CpuPagedAttention(AttentionBackend):
     def forward(self, q, k, v, kv_cache, metadata: CpuAttentionMetadata, scale, sliding_window=None, softcap=None):
         num_kv_heads = kv_cache.shape[2]
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks) and not softcap
+        # (SDPA would need an int8 cache's chunks dequantized first: the kernel reads them as they are.)
+        sdpa = self.uses_sdpa(q.dtype) and bool(metadata.chunks) and not softcap and kv_cache.dtype != torch.int8
         window = int(sliding_window or 0)
         items, prefix_items = self.plan(metadata, num_kv_heads, q.shape[1] // num_kv_heads, sdpa, window > 0)
         out = self._ops.forward(q, k, v, kv_cache, metadata.slot_mapping, metadata.block_tables,
