@@ -3,7 +3,8 @@ int8 with its own float32 scale inside its block (attention.kv_cache_shape(..., 
 
 What must hold: the quantizer's error bound; the C++ kernel's writes are the torch quantizer's, byte
 for byte; both backends' attention over an int8 cache is float attention over the dequantized cache
-(to float32 rounding) on every path (decode rows, prompt tiles, the shared-prefix pass, windows,
+(to float32 rounding; to the int16 rounding of the queries and probabilities, ~2^-15 of a row's
+largest, where the row path multiplies int16 pairs on an AVX512-VNNI CPU) on every path (decode rows, prompt tiles, the shared-prefix pass, windows,
 soft-capping, the scalar reference); and an engine on an int8 cache runs, frees every block, and
 gives the torch backend's tokens.
 """
@@ -21,6 +22,10 @@ from tokenmill.models.layers.attention import (TorchPagedAttention, gather_kv, k
 from tokenmill.models.layers.cpu_attention import CpuPagedAttention
 
 pytestmark = pytest.mark.usefixtures("two_threads")
+
+# float32 queries: float32 rounding, plus the row path's int16 queries and probabilities where the
+# CPU has AVX512-VNNI (observed up to ~1e-4); a missing or misplaced scale is off by far more.
+F32_TOL = 5e-4
 
 
 def dequantized(x: torch.Tensor) -> torch.Tensor:
@@ -88,19 +93,19 @@ def test_mixed_batch(ext, heads, block_size, dtype):
     rng = random.Random(block_size * 10 + heads[0])
     specs = mixed_specs(rng, n_decode=12, n_fresh=2, n_cont=3)
     batch = make_batch(specs, *heads, 64, block_size, dtype, seed=block_size)
-    check_int8(*batch, 64, 1e-5 if dtype == torch.float32 else 2e-2)
+    check_int8(*batch, 64, F32_TOL if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("head_dim", [32, 40, 128])
 def test_other_head_dims(ext, head_dim):
     specs = mixed_specs(random.Random(head_dim), n_decode=6, n_fresh=1, n_cont=1, max_ctx=200)
-    check_int8(*make_batch(specs, 8, 2, head_dim, 16, torch.float32, seed=3), head_dim, 1e-5)
+    check_int8(*make_batch(specs, 8, 2, head_dim, 16, torch.float32, seed=3), head_dim, F32_TOL)
 
 
 @pytest.mark.parametrize("layer", [{"sliding_window": 40}, {"softcap": 5.0}], ids=["window", "softcap"])
 def test_window_and_softcap(ext, layer):
     specs = mixed_specs(random.Random(11), n_decode=8, n_fresh=1, n_cont=2)
-    check_int8(*make_batch(specs, 9, 3, 64, 16, torch.float32, seed=4), 64, 1e-5, **layer)
+    check_int8(*make_batch(specs, 9, 3, 64, 16, torch.float32, seed=4), 64, F32_TOL, **layer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -110,7 +115,7 @@ def test_shared_prefix_pass(ext, dtype):
     specs = [(rng.randrange(96, 250), 1) for _ in range(20)] + [(100, 12)]
     batch = make_shared_batch(specs, [0] * len(specs), [6], 9, 3, 64, 16, dtype, seed=6)
     backend = CpuPagedAttention("kernel", cascade=True)
-    check_int8(*batch, 64, 1e-5 if dtype == torch.float32 else 2e-2, backend=backend)
+    check_int8(*batch, 64, F32_TOL if dtype == torch.float32 else 2e-2, backend=backend)
     md = backend.prepare(batch[4])
     assert backend.plan(md, 3, 3)[1].shape[0] > 0, "the batch took no shared-prefix pass"
 

@@ -279,7 +279,7 @@ inline void soft_cap(float* s, int64_t n, float cap) {
 
 // Per-thread scratch, grown on demand (sizes in floats).
 struct Scratch {
-  std::vector<float> a, b, s, m, l, corr, tsum, ones, kpack, vpack;
+  std::vector<float> a, b, s, m, l, corr, tsum, ones, kpack, vpack, qsc, psc;
   std::vector<int32_t> pos;
   std::vector<uint16_t> pbf;  // row path, bf16 pairs: the probabilities rounded to bf16
   void reserve(int64_t rows, int64_t d, int64_t bs) {
@@ -294,6 +294,8 @@ struct Scratch {
     grow(l, rp);
     grow(corr, rp);
     grow(tsum, rp);
+    grow(qsc, rp);
+    grow(psc, rp);
     grow(kpack, bp * dp);
     grow(vpack, bp * dp);
     if ((int64_t)pos.size() < rp) pos.resize(rp);
@@ -302,6 +304,30 @@ struct Scratch {
 };
 
 // ---- bfloat16 pairs (CPUs with AVX512-BF16) ----------------------------------------------------
+
+#if defined(__AVX512F__)
+// (The bf16- and int16-pair value passes keep their accumulators in this order.)
+// A row of D floats (D a multiple of 32) from natural order into pair order and back: per chunk of
+// 32 dimensions, quarters (4 dims) 0 2 4 6 then 1 3 5 7.
+inline void to_pair_order(float* a, int D) {
+  for (int d = 0; d < D; d += 32) {
+    const __m512 a0 = _mm512_loadu_ps(a + d), a1 = _mm512_loadu_ps(a + d + 16);
+    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(a0, a1, 0x88));
+    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(a0, a1, 0xDD));
+  }
+}
+
+inline void from_pair_order(float* a, int D) {
+  for (int d = 0; d < D; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(a + d), hi = _mm512_loadu_ps(a + d + 16);
+    const __m512 t0 = _mm512_shuffle_f32x4(lo, hi, 0x44), t1 = _mm512_shuffle_f32x4(lo, hi, 0xEE);
+    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(t0, t0, 0xD8));
+    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(t1, t1, 0xD8));
+  }
+}
+
+#endif
+
 
 // vdpbf16ps multiplies bf16 pairs exactly and adds both products to a float32 lane: one
 // instruction does two dimensions (scores) or two keys (values) of 16 lanes, with no widening.
@@ -400,25 +426,6 @@ inline void row_values_bf16(float* acc, int DP, int D, const bf16* v, int d0, in
     }
 }
 
-// A row of D floats (D a multiple of 32) from natural order into pair order and back: per chunk of
-// 32 dimensions, quarters (4 dims) 0 2 4 6 then 1 3 5 7.
-inline void to_pair_order(float* a, int D) {
-  for (int d = 0; d < D; d += 32) {
-    const __m512 a0 = _mm512_loadu_ps(a + d), a1 = _mm512_loadu_ps(a + d + 16);
-    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(a0, a1, 0x88));
-    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(a0, a1, 0xDD));
-  }
-}
-
-inline void from_pair_order(float* a, int D) {
-  for (int d = 0; d < D; d += 32) {
-    const __m512 lo = _mm512_loadu_ps(a + d), hi = _mm512_loadu_ps(a + d + 16);
-    const __m512 t0 = _mm512_shuffle_f32x4(lo, hi, 0x44), t1 = _mm512_shuffle_f32x4(lo, hi, 0xEE);
-    _mm512_storeu_ps(a + d, _mm512_shuffle_f32x4(t0, t0, 0xD8));
-    _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(t1, t1, 0xD8));
-  }
-}
-
 // n floats (a multiple of 16) rounded to bf16, to nearest even.
 inline void round_to_bf16(const float* src, int n, uint16_t* dst) {
   for (int i = 0; i < n; i += 16)
@@ -426,6 +433,121 @@ inline void round_to_bf16(const float* src, int n, uint16_t* dst) {
 }
 #else
 constexpr bool kBf16Dot = false;
+#endif
+
+// ---- int8 cache, int16 pairs (CPUs with AVX512-VNNI) ---------------------------------------------
+
+// vpdpwssd multiplies int16 pairs exactly and adds both products to an int32 lane. For an int8
+// cache the row path quantizes each query row to int16 (its own scale, max |q| / 32767) and each
+// row's probabilities over a softmax step (times the value scales) likewise, sign-extends the
+// cache's int8s to int16, and multiplies in integers: exact products and sums (|sum| < 2^31 for
+// head_dim <= 256), float32 only per block. The int16 roundings (2^-15 of the row's largest
+// element) are far below the int8 cache's own. Same data movement as the bf16 pairs above.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kInt8Dot = true;
+
+// Row path scores from an int8 block: s[r * s_st + c] = qs[r] * (q16_r . k8_c) for R rows and keys
+// c < BS (BS a multiple of 16), the int16 queries packed as dimension pairs like row_scores_bf16's.
+// The key scales are applied after (scale_columns).
+template <int R>
+inline void row_scores_i8(const uint32_t* qp, int DH, const int8_t* kt, int BS, int s_st, const float* qs, float* s,
+                          SpreadPrefetch& pf) {
+  constexpr int NA = R <= 2 ? 4 : 2;
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i il = _mm512_load_si512(kInterleave);
+  for (int c0 = 0; c0 < BS; c0 += 16) {
+    __m512i acc[NA][R];
+    TM_UNROLL
+    for (int a = 0; a < NA; ++a)
+      TM_UNROLL
+      for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_si512();
+    for (int j = 0; j < DH; j += NA) {
+      pf.step();
+      TM_UNROLL
+      for (int a = 0; a < NA; ++a) {
+        const int8_t* lo = kt + 2 * (j + a) * BS + c0;  // dim 2j's 16 keys, then (BS on) dim 2j + 1's
+        const __m256i both = BS == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo))
+            : _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + BS)), 1);
+        const __m512i kv = _mm512_permutexvar_epi16(il, _mm512_cvtepi8_epi16(both));
+        TM_UNROLL
+        for (int r = 0; r < R; ++r)
+          acc[a][r] = _mm512_dpwssd_epi32(acc[a][r], _mm512_set1_epi32(static_cast<int>(qp[(j + a) * R + r])), kv);
+      }
+    }
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      __m512i sum = acc[0][r];
+      TM_UNROLL
+      for (int a = 1; a < NA; ++a) sum = _mm512_add_epi32(sum, acc[a][r]);
+      _mm512_storeu_ps(s + r * s_st + c0, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(qs[r])));
+    }
+  }
+}
+
+// Row path values from an int8 block: acc_r = acc_r * corr_r + ps_r * sum_{c < n} p16_r[c] v8_c
+// over NC chunks of 32 dimensions from d0, the int16 probabilities as pairs of adjacent keys
+// (pp[r * PP + c / 2], zero past n), in row_values_bf16's pair order.
+template <int R, int NC>
+inline void row_values_i8(float* acc, int DP, int D, const int8_t* v, int d0, int n, const uint32_t* pp, int PP,
+                          const float* corr, const float* ps) {
+  __m512i lo[R][NC], hi[R][NC];
+  TM_UNROLL
+  for (int r = 0; r < R; ++r)
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) lo[r][k] = hi[r][k] = _mm512_setzero_si512();
+  const int8_t* v8 = v + d0;
+  for (int c = 0; c < n; c += 2) {
+    __m512i vl[NC], vh[NC];
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) {
+      const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v8 + c * D + 32 * k)));
+      const __m512i b = c + 1 < n
+          ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v8 + (c + 1) * D + 32 * k)))
+          : _mm512_setzero_si512();
+      vl[k] = _mm512_unpacklo_epi16(a, b);
+      vh[k] = _mm512_unpackhi_epi16(a, b);
+    }
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512i pb = _mm512_set1_epi32(static_cast<int>(pp[r * PP + c / 2]));
+      TM_UNROLL
+      for (int k = 0; k < NC; ++k) {
+        lo[r][k] = _mm512_dpwssd_epi32(lo[r][k], vl[k], pb);
+        hi[r][k] = _mm512_dpwssd_epi32(hi[r][k], vh[k], pb);
+      }
+    }
+  }
+  TM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]), sc = _mm512_set1_ps(ps[r]);
+    TM_UNROLL
+    for (int k = 0; k < NC; ++k) {
+      float* a = acc + r * DP + d0 + 32 * k;
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[r][k]), sc, _mm512_mul_ps(_mm512_loadu_ps(a), c)));
+      _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r][k]), sc,
+                                               _mm512_mul_ps(_mm512_loadu_ps(a + 16), c)));
+    }
+  }
+}
+
+// n floats (a multiple of 16) to int16 with one scale, max |x| / 32767 (returned; 0 and zeros for
+// an all-zero row), x * (32767 / max) rounded to nearest even: an int8 cache's queries and
+// probabilities for the int16-pair row path.
+inline float quantize_int16(const float* x, int n, int16_t* dst) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  const float m = _mm512_reduce_max_ps(amax);
+  const __m512 inv = _mm512_set1_ps(m > 0.f ? 32767.f / m : 0.f);
+  for (int i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv))));
+  return m / 32767.f;
+}
+#else
+constexpr bool kInt8Dot = false;
+inline float quantize_int16(const float*, int, int16_t*) { return 0.f; }  // never called: kInt8Dot is false
 #endif
 
 // ---- scalar reference (the tests' second opinion) ------------------------------------------
@@ -614,12 +736,18 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
   constexpr bool kPairs = kBf16Dot && std::is_same_v<T, bf16> && std::is_same_v<C, bf16>;
   constexpr bool kQuant = Problem<T, I, C>::kQuant;
   const bool pairs = kPairs && BS % 16 == 0 && D % 32 == 0;
+  // An int8 cache on a CPU with AVX512-VNNI: int16 queries and probabilities times the int8s
+  // sign-extended to int16, by vpdpwssd (see row_scores_i8); elsewhere the int8s are widened.
+  constexpr bool kI16 = kInt8Dot && kQuant;
+  const bool i16 = kI16 && BS % 16 == 0 && D % 32 == 0 && D <= 256;
+  float* qsc = sc.qsc.data();  // i16: each row's query scale (times the softmax scale)
+  float* psc = sc.psc.data();  // i16: each row's probability scale over the current softmax step
   uint16_t* pbf = sc.pbf.data();  // [M][TS] the probabilities in bf16 (pairs)
   const int64_t head_bytes = p.unit_bytes();  // K (or V) of one head of a block
   const int num_blocks = (x.key_end + BS - 1) / BS;
   // pf.step() calls per block's score pass: one per 16 keys and NA dimensions (pairs: 2 pairs).
   const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(
-      head_bytes, (BS + kLanes - 1) / kLanes * (pairs ? D / 4 : D / 2));
+      head_bytes, (BS + kLanes - 1) / kLanes * (pairs || i16 ? D / 4 : D / 2));
   // Blocks wholly before the first row's window are never read (a windowed item has no prefix state).
   const int kb_first = std::max(x.kb0, p.first_key(x.pos0) / BS);
   // The prefetch runs kPrefetchUnits (block, head) units ahead: the first ones at once, while the
@@ -638,9 +766,15 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
       float* dst = q + (h * x.rows + r) * DP;
       for (int i = 0; i < kR; ++i) {
         const T* src = q_row(p, x, x.h0 + h, r + i);
-        if (pairs)  // (dim 2j, dim 2j + 1) of each row, unscaled
+        if (pairs) {  // (dim 2j, dim 2j + 1) of each row, unscaled
           for (int j = 0; j < D / 2; ++j) std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, src + 2 * j, 4);
-        else
+        } else if (i16) {  // the same pairs of the row quantized to int16
+          float row[256];
+          int16_t row16[256];
+          for (int d = 0; d < D; ++d) row[d] = to_float(src[d]);
+          qsc[h * x.rows + r + i] = quantize_int16(row, D, row16) * p.scale;
+          for (int j = 0; j < D / 2; ++j) std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, row16 + 2 * j, 4);
+        } else
           for (int d = 0; d < D; ++d) dst[d * kR + i] = to_float(src[d]) * p.scale;
       }
     });
@@ -652,8 +786,8 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
         mx[r] = p.state_m[s_i];
         l[r] = p.state_l[s_i];
         std::copy(p.state_acc + s_i * D, p.state_acc + (s_i + 1) * D, acc + r * DP);
-        if constexpr (kPairs)
-          if (pairs) to_pair_order(acc + r * DP, D);
+        if constexpr (kPairs || kI16)
+          if (pairs || i16) to_pair_order(acc + r * DP, D);
       }
   } else {
     std::fill(mx, mx + M, kNegInf);
@@ -684,6 +818,12 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
             if (pairs) {
               row_scores_bf16<kR>(reinterpret_cast<const uint32_t*>(q + (r0 + r) * DP), D / 2, kt, BS, TS, p.scale,
                                   out, pf);
+              return;
+            }
+          if constexpr (kI16)
+            if (i16) {
+              row_scores_i8<kR>(reinterpret_cast<const uint32_t*>(q + (r0 + r) * DP), D / 2, kt, BS, TS, qsc + r0 + r,
+                                out, pf);
               return;
             }
           if (BS % kLanes == 0) row_scores<kR, true>(q + (r0 + r) * DP, D, kt, BS, TS, out, pf);
@@ -744,14 +884,32 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
       if constexpr (kPairs)
         if (pairs)
           for (int m = r0; m < r0 + x.rows; ++m) round_to_bf16(s + m * TS, nb * SP, pbf + m * TS);
+      if constexpr (kI16)
+        if (i16) {  // the probabilities times the value scales, then to int16 per row over the step
+          for (int b = 0; b < nb; ++b)
+            scale_columns(s + r0 * TS + b * SP, x.rows, TS, p.value_scales(blk[b], x.h0 + h),
+                          std::min(BS, x.key_end - (t0 + b) * BS));
+          for (int m = r0; m < r0 + x.rows; ++m)
+            psc[m] = quantize_int16(s + m * TS, nb * SP, reinterpret_cast<int16_t*>(pbf + m * TS));
+        }
       for (int b = 0; b < nb; ++b) {
         const C* vb = p.values(blk[b], x.h0 + h);
         const int n = std::min(BS, x.key_end - (t0 + b) * BS);
         // int8: each key's probability times its value's scale (l has the unscaled sum already).
-        if constexpr (kQuant) scale_columns(s + r0 * TS + b * SP, x.rows, TS, p.value_scales(blk[b], x.h0 + h), n);
+        if constexpr (kQuant)
+          if (!i16) scale_columns(s + r0 * TS + b * SP, x.rows, TS, p.value_scales(blk[b], x.h0 + h), n);
         for_row_groups(x.rows, [&](auto R, int r) {  // the rescale by corr once per tile, with the first block
           constexpr int kR = decltype(R)::value;
           const float* cr = b == 0 ? corr + r0 + r : ones;
+          if constexpr (kI16)
+            if (i16) {
+              const uint32_t* pp = reinterpret_cast<const uint32_t*>(pbf + (r0 + r) * TS + b * SP);
+              int d0 = 0;
+              for (; d0 + 64 <= D; d0 += 64)
+                row_values_i8<kR, 2>(acc + (r0 + r) * DP, DP, D, vb, d0, n, pp, TS / 2, cr, psc + r0 + r);
+              if (d0 < D) row_values_i8<kR, 1>(acc + (r0 + r) * DP, DP, D, vb, d0, n, pp, TS / 2, cr, psc + r0 + r);
+              return;
+            }
           if constexpr (kPairs)
             if (pairs) {
               const uint32_t* pp = reinterpret_cast<const uint32_t*>(pbf + (r0 + r) * TS + b * SP);
@@ -770,8 +928,8 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
     for (int m = 0; m < x.rows; ++m) {
       T* o = out_row(p, x, x.h0 + h, m);
       float* a = acc + (h * x.rows + m) * DP;
-      if constexpr (kPairs)
-        if (pairs) from_pair_order(a, D);
+      if constexpr (kPairs || kI16)
+        if (pairs || i16) from_pair_order(a, D);
       const float inv = 1.f / l[h * x.rows + m];
       for (int d = 0; d < D; d += kLanes) st(o + d, load(a + d) * inv, std::min(kLanes, D - d));
     }
