@@ -1314,11 +1314,18 @@ void write_kv_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
 // takes element d (keys transposed: step BS; values: step 1).
 template <typename T>
 inline float quantize_row(const T* x, int64_t D, int8_t* dst, int64_t step) {
-  float amax = 0.f;
-  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(x[d])));
-  const float scale = amax / 127.f;
-  for (int64_t d = 0; d < D; ++d)
-    dst[d * step] = scale > 0.f ? static_cast<int8_t>(std::nearbyint(to_float(x[d]) / scale)) : 0;
+  vfloat amax{};
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const vfloat v = ld(x + d, std::min<int64_t>(kLanes, D - d));
+    amax = vmax(amax, vmax(v, -v));
+  }
+  const float scale = reduce_max(amax) / 127.f;
+  const vfloat magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds |q| < 2^22 to nearest even
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const int64_t w = std::min<int64_t>(kLanes, D - d);
+    const vfloat q = scale > 0.f ? (ld(x + d, w) / splat(scale) + magic) - magic : vfloat{};
+    for (int64_t i = 0; i < w; ++i) dst[(d + i) * step] = static_cast<int8_t>(q[i]);
+  }
   return scale;
 }
 
