@@ -68,7 +68,7 @@
 // int8 KV cache (opt-in, kv_cache_dtype="int8"). kv_cache is int8 [2, num_blocks, KVH, BS * (D + 4)]:
 // each (block, KV head) unit holds its BS * D int8s as above (keys transposed, values as rows),
 // then BS float32 scales, one per key (per value row). A row of D elements is stored as
-// round(x / scale), scale = max |x| / 127, when it is written (write_kv_rows_int8): per token and
+// round(x / scale), scale = max |x| / 127, when it is written (write_kv_rows): per token and
 // head, so a block filled one decode step at a time never needs requantizing. The kernel reads
 // half the bytes of a bf16 cache. The int8s are widened to float32 exactly; a block's scores are
 // multiplied by its key scales, and its probabilities by its value scales before the value pass
@@ -1283,32 +1283,6 @@ void run(const Problem<T, I, C>& p, const int32_t* plan, int64_t num_items, cons
   });
 }
 
-// k, v [T, KVH, D] into their slots: keys transposed (dim d of slot s at kt[d * BS + s % BS] of its
-// block and head), values as rows.
-template <typename T>
-void write_kv_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache,
-                   const torch::Tensor& slot_mapping, int64_t BS) {
-  const int64_t T_ = k.size(0), KVH = k.size(1), D = k.size(2);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const T* kd = k.data_ptr<T>();
-  const T* vd = v.data_ptr<T>();
-  T* kc = kv_cache.data_ptr<T>();
-  T* vc = kc + kv_cache.stride(0);
-  const int64_t blk_st = kv_cache.stride(1), head_st = kv_cache.stride(2);
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  at::parallel_for(0, T_, 64, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t base = slots[t] / BS * blk_st, off = slots[t] % BS;
-      for (int64_t h = 0; h < KVH; ++h) {
-        T* kt = kc + base + h * head_st + off;
-        const T* src = kd + t * ks0 + h * ks1;
-        for (int64_t d = 0; d < D; ++d) kt[d * BS] = src[d];
-        std::memcpy(vc + base + h * head_st + off * D, vd + t * vs0 + h * vs1, D * sizeof(T));
-      }
-    }
-  });
-}
-
 // One (token, KV head) row of D elements to int8 with its own scale, absmax / 127: q[d] =
 // round-half-even(x[d] / scale) (|q| <= 127; an all-zero row has scale 0 and zeros). dst[d * step]
 // takes element d (keys transposed: step BS; values: step 1).
@@ -1329,29 +1303,36 @@ inline float quantize_row(const T* x, int64_t D, int8_t* dst, int64_t step) {
   return scale;
 }
 
-// k, v [T, KVH, D] into an int8 cache's slots: each row quantized (quantize_row), its scale stored
-// at the slot's index among the BS floats after its block's and head's BS * D int8s.
-template <typename T>
-void write_kv_rows_int8(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache,
-                        const torch::Tensor& slot_mapping, int64_t BS) {
+// k, v [T, KVH, D] into their slots: keys transposed (dim d of slot s at kt[d * BS + s % BS] of its
+// block and head), values as rows. An int8 cache (C = int8_t): each row quantized (quantize_row),
+// its scale stored at the slot's index among the BS floats after its block's and head's BS * D int8s.
+template <typename T, typename C>
+void write_kv_rows(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& kv_cache,
+                   const torch::Tensor& slot_mapping, int64_t BS) {
   const int64_t T_ = k.size(0), KVH = k.size(1), D = k.size(2);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const T* kd = k.data_ptr<T>();
   const T* vd = v.data_ptr<T>();
-  int8_t* kc = kv_cache.data_ptr<int8_t>();
-  int8_t* vc = kc + kv_cache.stride(0);
+  C* kc = kv_cache.data_ptr<C>();
+  C* vc = kc + kv_cache.stride(0);
   const int64_t blk_st = kv_cache.stride(1), head_st = kv_cache.stride(2);
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   at::parallel_for(0, T_, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t base = slots[t] / BS * blk_st, off = slots[t] % BS;
       for (int64_t h = 0; h < KVH; ++h) {
-        int8_t* ku = kc + base + h * head_st;
-        int8_t* vu = vc + base + h * head_st;
-        const float ksc = quantize_row(kd + t * ks0 + h * ks1, D, ku + off, BS);
-        const float vsc = quantize_row(vd + t * vs0 + h * vs1, D, vu + off * D, 1);
-        std::memcpy(ku + BS * D + off * 4, &ksc, 4);
-        std::memcpy(vu + BS * D + off * 4, &vsc, 4);
+        C* ku = kc + base + h * head_st;
+        C* vu = vc + base + h * head_st;
+        const T* ks = kd + t * ks0 + h * ks1;
+        const T* vs = vd + t * vs0 + h * vs1;
+        if constexpr (std::is_same_v<C, int8_t>) {
+          const float k_scale = quantize_row(ks, D, ku + off, BS), v_scale = quantize_row(vs, D, vu + off * D, 1);
+          std::memcpy(ku + BS * D + off * 4, &k_scale, 4);
+          std::memcpy(vu + BS * D + off * 4, &v_scale, 4);
+        } else {
+          for (int64_t d = 0; d < D; ++d) ku[off + d * BS] = ks[d];
+          std::memcpy(vu + off * D, vs, D * sizeof(T));
+        }
       }
     }
   });
@@ -1547,10 +1528,10 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
     const int64_t* s = sm.data_ptr<int64_t>();
     for (int64_t t = 0; t < T_; ++t)
       TORCH_CHECK(s[t] >= 0 && s[t] < num_blocks * BS, "slot_mapping[", t, "] = ", s[t], " is out of range");
-    if (quant && dtype == torch::kFloat32) write_kv_rows_int8<float>(*k, *v, kv_cache, sm, BS);
-    else if (quant) write_kv_rows_int8<bf16>(*k, *v, kv_cache, sm, BS);
-    else if (dtype == torch::kFloat32) write_kv_rows<float>(*k, *v, kv_cache, sm, BS);
-    else write_kv_rows<bf16>(*k, *v, kv_cache, sm, BS);
+    if (quant && dtype == torch::kFloat32) write_kv_rows<float, int8_t>(*k, *v, kv_cache, sm, BS);
+    else if (quant) write_kv_rows<bf16, int8_t>(*k, *v, kv_cache, sm, BS);
+    else if (dtype == torch::kFloat32) write_kv_rows<float, float>(*k, *v, kv_cache, sm, BS);
+    else write_kv_rows<bf16, bf16>(*k, *v, kv_cache, sm, BS);
   }
 
   // Every block a request will read must exist: a bad table would read outside the cache.
