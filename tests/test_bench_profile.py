@@ -75,3 +75,21 @@ def test_profile_counts_shared_blocks_once(ext, tiny_llama_dir, tmp_path, capsys
     per_token = r["kv_bytes_per_step"] / r["context_tokens"]
     assert r["kv_distinct_bytes_per_step"] == pytest.approx(r["kv_bytes_per_step"] - 3 * 48 * per_token)
     assert "distinct K/V blocks" in capsys.readouterr().out
+
+
+def test_profile_on_an_int8_cache(ext, tiny_llama_dir, workload, tmp_path, capsys):
+    """--kv-cache-dtype int8: the header says so, and the K/V bytes per step are the int8 cache's
+    (D int8s + a float32 scale per token, layer, K/V and KV head), not the model dtype's."""
+    from transformers import AutoConfig
+
+    out = tmp_path / "profile.json"
+    rc = cli_main(["bench", "profile", "--workload", str(workload), "--batch-sizes", "3", "--steps", "2",
+                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
+                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV),
+                   "--kv-cache-dtype", "int8"])
+    assert rc == 0
+    assert "KV cache int8" in capsys.readouterr().out
+    (r,) = json.loads(out.read_text())["results"]
+    c = AutoConfig.from_pretrained(tiny_llama_dir)
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads + 4)
+    assert r["kv_bytes_per_step"] == r["context_tokens"] * per_token

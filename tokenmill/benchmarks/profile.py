@@ -270,6 +270,7 @@ def main(args, engine_kwargs: dict) -> int:
     bandwidth = None if args.skip_bandwidth else machine_bandwidth()
     config = engine.config
     header = (f"decode step profile: {config.model or 'default model'}, {str(config.torch_dtype).removeprefix('torch.')}, "
+              f"KV cache {str(engine.runner.kv_caches[0].dtype).removeprefix('torch.')}, "
               f"attention backend {engine.runner.backend.name}, {torch.get_num_threads()} threads, "
               f"malloc {'tcmalloc' if tcmalloc_loaded() else 'glibc'}, median of {args.steps} plain steps"
               + (", overlap scheduling on (the parts of consecutive steps overlap)" if config.async_scheduling else ""))
