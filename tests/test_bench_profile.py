@@ -10,6 +10,13 @@ from tokenmill.entrypoints.cli import main as cli_main
 SMALL_KV = 4_000_000  # bytes
 
 
+def run_profile(model_dir, workload, out, batch_sizes: str, steps: int, *extra: str) -> int:
+    """`tokenmill bench profile` on the tiny model in float32, one thread, a small cache, the JSON to out."""
+    return cli_main(["bench", "profile", "--workload", str(workload), "--batch-sizes", batch_sizes, "--steps", str(steps),
+                     "--skip-bandwidth", "--output-json", str(out), "--model", str(model_dir), "--dtype", "float32",
+                     "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV), *extra])
+
+
 @pytest.fixture
 def workload(tmp_path):
     path = tmp_path / "wl.jsonl"
@@ -20,9 +27,7 @@ def workload(tmp_path):
 
 def test_bench_profile_parts_add_up(ext, tiny_llama_dir, workload, tmp_path, capsys):
     out = tmp_path / "profile.json"
-    rc = cli_main(["bench", "profile", "--workload", str(workload), "--batch-sizes", "2,6", "--steps", "3",
-                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
-                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV)])
+    rc = run_profile(tiny_llama_dir, workload, out, "2,6", 3)
     assert rc == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
@@ -66,10 +71,7 @@ def test_profile_counts_shared_blocks_once(ext, tiny_llama_dir, tmp_path, capsys
     path.write_text("".join(json.dumps({"prompt_token_ids": prefix + [1000 + 31 * i + j for j in range(3 + i)],
                                         "max_tokens": 4}) + "\n" for i in range(4)))
     out = tmp_path / "profile.json"
-    rc = cli_main(["bench", "profile", "--workload", str(path), "--batch-sizes", "4", "--steps", "2",
-                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
-                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV),
-                   "--max-num-batched-tokens", "48"])
+    rc = run_profile(tiny_llama_dir, path, out, "4", 2, "--max-num-batched-tokens", "48")
     assert rc == 0
     (r,) = json.loads(out.read_text())["results"]
     per_token = r["kv_bytes_per_step"] / r["context_tokens"]
@@ -83,10 +85,7 @@ def test_profile_on_an_int8_cache(ext, tiny_llama_dir, workload, tmp_path, capsy
     from transformers import AutoConfig
 
     out = tmp_path / "profile.json"
-    rc = cli_main(["bench", "profile", "--workload", str(workload), "--batch-sizes", "3", "--steps", "2",
-                   "--skip-bandwidth", "--output-json", str(out), "--model", str(tiny_llama_dir),
-                   "--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", str(SMALL_KV),
-                   "--kv-cache-dtype", "int8"])
+    rc = run_profile(tiny_llama_dir, workload, out, "3", 2, "--kv-cache-dtype", "int8")
     assert rc == 0
     assert "KV cache int8" in capsys.readouterr().out
     (r,) = json.loads(out.read_text())["results"]

@@ -70,10 +70,12 @@
 // then BS float32 scales, one per key (per value row). A row of D elements is stored as
 // round(x / scale), scale = max |x| / 127, when it is written (write_kv_rows): per token and
 // head, so a block filled one decode step at a time never needs requantizing. The kernel reads
-// half the bytes of a bf16 cache. The int8s are widened to float32 exactly; a block's scores are
-// multiplied by its key scales, and its probabilities by its value scales before the value pass
-// (the softmax sum uses the unscaled ones), so the dequantized cache is never materialised. The
-// queries and outputs keep their dtype; the bf16-pair (vdpbf16ps) paths are for a bf16 cache only.
+// half the bytes of a bf16 cache. The row path on a CPU with AVX512-VNNI multiplies int16 queries
+// and probabilities by the int8s sign-extended to int16 (vpdpwssd, see row_scores_i8); elsewhere,
+// and in the tile path, the int8s are widened to float32 exactly. A block's scores are multiplied
+// by its key scales, and its probabilities by its value scales before the value pass (the softmax
+// sum uses the unscaled ones), so the dequantized cache is never materialised. The queries and
+// outputs keep their dtype; the bf16-pair (vdpbf16ps) paths are for a bf16 cache only.
 // Numerics: float32 accumulation everywhere (bf16 inputs are widened exactly, outputs rounded to
 // nearest even once); exp is a Cephes-style polynomial with ~1-2 ulp error. Float32 outputs match
 // SDPA to float32 rounding (~1e-6 relative), not bitwise (summation order differs).
@@ -306,9 +308,9 @@ struct Scratch {
 // ---- bfloat16 pairs (CPUs with AVX512-BF16) ----------------------------------------------------
 
 #if defined(__AVX512F__)
-// (The bf16- and int16-pair value passes keep their accumulators in this order.)
 // A row of D floats (D a multiple of 32) from natural order into pair order and back: per chunk of
-// 32 dimensions, quarters (4 dims) 0 2 4 6 then 1 3 5 7.
+// 32 dimensions, quarters (4 dims) 0 2 4 6 then 1 3 5 7. The bf16- and int16-pair value passes keep
+// their accumulators in this order.
 inline void to_pair_order(float* a, int D) {
   for (int d = 0; d < D; d += 32) {
     const __m512 a0 = _mm512_loadu_ps(a + d), a1 = _mm512_loadu_ps(a + d + 16);
@@ -325,9 +327,7 @@ inline void from_pair_order(float* a, int D) {
     _mm512_storeu_ps(a + d + 16, _mm512_shuffle_f32x4(t1, t1, 0xD8));
   }
 }
-
 #endif
-
 
 // vdpbf16ps multiplies bf16 pairs exactly and adds both products to a float32 lane: one
 // instruction does two dimensions (scores) or two keys (values) of 16 lanes, with no widening.
@@ -547,7 +547,6 @@ inline float quantize_int16(const float* x, int n, int16_t* dst) {
 }
 #else
 constexpr bool kInt8Dot = false;
-inline float quantize_int16(const float*, int, int16_t*) { return 0.f; }  // never called: kInt8Dot is false
 #endif
 
 // ---- scalar reference (the tests' second opinion) ------------------------------------------
@@ -743,7 +742,7 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
   float* qsc = sc.qsc.data();  // i16: each row's query scale (times the softmax scale)
   float* psc = sc.psc.data();  // i16: each row's probability scale over the current softmax step
   uint16_t* pbf = sc.pbf.data();  // [M][TS] the probabilities in bf16 (pairs)
-  const int64_t head_bytes = p.unit_bytes();  // K (or V) of one head of a block
+  const int64_t head_bytes = p.unit_bytes();  // K (or V) of one head of a block, an int8 cache's scales included
   const int num_blocks = (x.key_end + BS - 1) / BS;
   // pf.step() calls per block's score pass: one per 16 keys and NA dimensions (pairs: 2 pairs).
   const int64_t pf_per_step = SpreadPrefetch::bytes_per_step(
@@ -768,12 +767,15 @@ void run_item_rows(const Problem<T, I, C>& p, const Item& x, Scratch& sc) {
         const T* src = q_row(p, x, x.h0 + h, r + i);
         if (pairs) {  // (dim 2j, dim 2j + 1) of each row, unscaled
           for (int j = 0; j < D / 2; ++j) std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, src + 2 * j, 4);
-        } else if (i16) {  // the same pairs of the row quantized to int16
-          float row[256];
-          int16_t row16[256];
-          for (int d = 0; d < D; ++d) row[d] = to_float(src[d]);
-          qsc[h * x.rows + r + i] = quantize_int16(row, D, row16) * p.scale;
-          for (int j = 0; j < D / 2; ++j) std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, row16 + 2 * j, 4);
+        } else if (i16) {  // the same pairs of the row quantized to int16 (D <= 256)
+          if constexpr (kI16) {
+            float row[256];
+            int16_t row16[256];
+            for (int d = 0; d < D; ++d) row[d] = to_float(src[d]);
+            qsc[h * x.rows + r + i] = quantize_int16(row, D, row16) * p.scale;
+            for (int j = 0; j < D / 2; ++j)
+              std::memcpy(reinterpret_cast<uint32_t*>(dst) + j * kR + i, row16 + 2 * j, 4);
+          }
         } else
           for (int d = 0; d < D; ++d) dst[d * kR + i] = to_float(src[d]) * p.scale;
       }
@@ -1487,7 +1489,7 @@ torch::Tensor forward(const torch::Tensor& q, const std::optional<torch::Tensor>
   TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [T, H, D] with a contiguous last dim");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [2, num_blocks, KVH, block_size * D] tensor");
+              "kv_cache must be a contiguous [2, num_blocks, KVH, block_size * D (int8: * (D + 4))] tensor");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "only float32 and bfloat16 are supported");
   const bool quant = kv_cache.scalar_type() == torch::kInt8;
