@@ -71,6 +71,9 @@ FAMILIES = {
                 dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0)),
 }
 
+# The families that run their layers through models/layers/decoder_stack.py (on the cpu backend).
+STACKED = {"llama3-rope", "llama-linear-rope", "llama-dynamic-rope", "llama-yarn-rope", "phi3"}
+
 # Prompts of at most 64 tokens (Phi-3's longrope switches to its long factors past 64, which
 # transformers applies to a whole prompt at once), 16 new tokens each: the decodes go past the window
 # and past position 64. The batch's first prompt shares the first prompt's leading 32 tokens. A
@@ -146,6 +149,9 @@ def test_family_matches_hf(family_dir, backend, request, monkeypatch):
     assert engine.scheduler.num_preemptions > 0, "no request was preempted"
     engine.check_integrity()
     assert engine.num_used_blocks == 0
+    # The families whose layers are plain Llama layers ran them as one C++ call, the others in Python.
+    name = request.node.callspec.params["family_dir"]
+    assert (engine.runner.model.decoder_stack is not None) == (backend == "cpu" and name in STACKED), name
     if "Moe" in config.architectures[0] or "Mixtral" in config.architectures[0]:
         # float32 rounding of these logits (|logit| < 10) is ~1e-6: a gap 20x that cannot flip.
         assert gaps and min(gaps) > 2e-5, f"near-tie in the routing: top-k logit gap {min(gaps)}"

@@ -12,6 +12,9 @@ are decoding together (no prompt chunk left), and then times `--steps` decode st
     timed parts (views, Python, small torch ops); "inputs and engine" is the step minus the
     forward, the sampler and the scheduler (building the input tensors, appending tokens, stop
     checks, outputs). Overlap scheduling is off unless asked for, so that the parts partition the step.
+    Where the model runs its layers as one C++ call (models/layers/decoder_stack.py), that call
+    times its own parts (norms, projections, RoPE, attention, SiLU x up) with the same names, and
+    "rest of the forward" is what is left between them.
 
 Besides the table it prints the attention's effective read bandwidth (the K/V bytes of every
 context token, every layer, per second of attention) next to the machine's own (a large float32
@@ -83,6 +86,24 @@ def _timed(fn, times: StepTimes, part: str, flops=None):
     return wrapper
 
 
+class _TimedStack:
+    """Stands in for the model's DecoderStack: each call's own part timings and GEMM flops go to times."""
+
+    def __init__(self, stack, times: StepTimes) -> None:
+        self._stack, self._times = stack, times
+        self.takes = stack.takes
+
+    def __call__(self, x, *args):
+        self._stack.timings = seconds = torch.zeros(len(self._stack.PARTS), dtype=torch.float64)
+        try:
+            return self._stack(x, *args)
+        finally:
+            self._stack.timings = None
+            for part, s in zip(self._stack.PARTS, seconds.tolist()):
+                self._times.add(part, s)
+            self._times.gemm_flops += self._stack.gemm_flops_per_token * x.shape[0]
+
+
 @contextmanager
 def instrumented(engine, times: StepTimes):
     """Time every part of `engine`'s steps into `times` (restored on exit)."""
@@ -107,6 +128,8 @@ def instrumented(engine, times: StepTimes):
         elif isinstance(module, nn.Embedding):
             patch(module, "forward", _timed(module.forward, times, "embedding"))
     patch(runner.backend, "forward", _timed(runner.backend.forward, times, "paged attention"))
+    if getattr(model, "decoder_stack", None) is not None:
+        patch(model, "decoder_stack", _TimedStack(model.decoder_stack, times))
     patch(runner, "model", _timed(model, times, "forward"))
     patch(runner, "sampler", _timed(runner.sampler, times, "sampler"))
     patch(engine.scheduler, "schedule", _timed(engine.scheduler.schedule, times, "scheduler"))
@@ -271,7 +294,9 @@ def main(args, engine_kwargs: dict) -> int:
     config = engine.config
     header = (f"decode step profile: {config.model or 'default model'}, {str(config.torch_dtype).removeprefix('torch.')}, "
               f"KV cache {str(engine.runner.kv_caches[0].dtype).removeprefix('torch.')}, "
-              f"attention backend {engine.runner.backend.name}, {torch.get_num_threads()} threads, "
+              f"attention backend {engine.runner.backend.name}, "
+              f"layers {'in one C++ call' if getattr(engine.runner.model, 'decoder_stack', None) else 'in Python'}, "
+              f"{torch.get_num_threads()} threads, "
               f"malloc {'tcmalloc' if tcmalloc_loaded() else 'glibc'}, median of {args.steps} plain steps"
               + (", overlap scheduling on (the parts of consecutive steps overlap)" if config.async_scheduling else ""))
     print(format_profile(results, bandwidth, header))

@@ -18,6 +18,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("silu_and_mul", &silu_and_mul, "silu(first half) * second half of each row", py::arg("gate_up"));
   m.def("argmax", &argmax, "index of each row's maximum (first on ties, NaN wins), int64", py::arg("logits"));
+  py::class_<DecoderStack>(m, "DecoderStack", "a model's Llama decoder layers, run in one call")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double, int64_t>(), py::arg("num_heads"),
+           py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"), py::arg("eps"), py::arg("scale"),
+           py::arg("window") = 0)
+      .def("add_layer", &DecoderStack::add_layer, "append a layer: its two norms' weights and its 4 linears",
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("linears"))
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      .def("forward", &DecoderStack::forward, "every layer over a flat batch: (hidden, residual)", py::arg("x"),
+           py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_caches"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"),
+           py::arg("prefix_plan"), py::arg("timings") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place from cos/sin tables", py::arg("x"),
         py::arg("positions"), py::arg("cos"), py::arg("sin"));
 }

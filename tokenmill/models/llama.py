@@ -8,7 +8,8 @@ request: it gets token ids, positions, the KV caches and the attention metadata,
 only for the rows that sample.
 
 `ops` is tokenmill's CPU extension (or None for plain PyTorch): with it, RMSNorm takes the residual
-add along, SiLU x up is one pass, and RoPE rotates q and k in place. The residual stream is carried
+add along, SiLU x up is one pass, and RoPE rotates q and k in place; and where the layers are plain
+Llama layers on the "cpu" attention backend, `decoder_stack` runs the whole loop over them in C++. The residual stream is carried
 beside the hidden states from layer to layer (as vLLM does), so each add happens inside a norm.
 Each layer's attention passes its own sliding window and soft-cap to the backend.
 """
@@ -22,6 +23,7 @@ from torch import nn
 
 from tokenmill.config import head_dim
 from tokenmill.models.layers.attention import AttentionBackend
+from tokenmill.models.layers.decoder_stack import DecoderStack
 from tokenmill.models.layers.norm import RMSNorm
 from tokenmill.models.layers.rotary import RotaryEmbedding, StepRotary
 
@@ -153,6 +155,9 @@ class LlamaForCausalLM(nn.Module):
     attention_cls: type[Attention] = Attention
     layer_cls: type[nn.Module] = DecoderLayer
     norm_cls: type[nn.Module] = RMSNorm
+    # The layers as one C++ call, where they are plain Llama layers on the CPU kernels (set by the
+    # loader once the weights are final; layers/decoder_stack.py). None: the Python loop.
+    decoder_stack: DecoderStack | None = None
 
     def __init__(self, cfg, backend: AttentionBackend, max_positions: int, ops: ModuleType | None = None) -> None:
         super().__init__()
@@ -186,11 +191,15 @@ class LlamaForCausalLM(nn.Module):
         (the sampler widens only the rows that need float32)."""
         m = self.model
         x = self.embed(input_ids)
-        # once per step, shared by the layers
-        ropes = {name: rotary.for_positions(positions, x.dtype) for name, rotary in m.rotary.items()}
-        residual = None
-        for layer, kv_cache in zip(m.layers, kv_caches):
-            x, residual = layer(x, residual, ropes, kv_cache, attn_metadata)
+        stack = self.decoder_stack
+        if stack is not None and stack.takes(attn_metadata, x.dtype):
+            x, residual = stack(x, positions, kv_caches, attn_metadata)  # the loop below, in C++
+        else:
+            # once per step, shared by the layers
+            ropes = {name: rotary.for_positions(positions, x.dtype) for name, rotary in m.rotary.items()}
+            residual = None
+            for layer, kv_cache in zip(m.layers, kv_caches):
+                x, residual = layer(x, residual, ropes, kv_cache, attn_metadata)
         # RMSNorm is per row: select the sampling rows first, so the last add, the norm and the LM
         # head skip the rest. (Layers that add their own residual return it None.)
         if residual is None:

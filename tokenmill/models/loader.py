@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from tokenmill.config import cpu_has_fast_bf16
 from tokenmill.models.layers.attention import AttentionBackend
+from tokenmill.models.layers.decoder_stack import DecoderStack
 from tokenmill.models.layers.linear import prepack_linears
 from tokenmill.models.registry import model_class
 
@@ -113,6 +114,8 @@ def load_model(folder: Path, hf_config, dtype: torch.dtype, backend: AttentionBa
     model.model.rotary = cls.make_rotary(hf_config, max_positions, ops)
     if dtype == torch.float32 or cpu_has_fast_bf16():
         prepack_linears(model)  # bfloat16 without AMX / AVX512-BF16 stays on the plain path
+    if hasattr(model, "decoder_stack"):
+        model.decoder_stack = DecoderStack.build(model)
     return model.eval()
 
 

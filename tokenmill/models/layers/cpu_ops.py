@@ -2,6 +2,7 @@
 
     paged_attention.cpp   paged attention over a ragged batch (the "cpu" attention backend)
     fused_ops.cpp         RMSNorm (with the residual add), SiLU x up, rotary embedding
+    decoder_stack.cpp     the Llama decoder layers of a forward pass in one call
     argmax.cpp            argmax of each logits row in its own dtype (greedy sampling)
     bindings.cpp          the Python module
 
@@ -32,7 +33,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "argmax.cpp", "bindings.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "decoder_stack.cpp", "argmax.cpp", "bindings.cpp")
 _NAME = "tokenmill_cpu_ops"
 # No -ffast-math: the kernels' float32 results must stay within rounding of the torch ops they
 # replace, and fast-math would also let the compiler assume no infinities (masked scores are -inf).
