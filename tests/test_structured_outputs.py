@@ -275,3 +275,23 @@ def test_compile_timeout_and_failed_compile_in_engine(llm, monkeypatch):
         [("bad", True, "abort", "invalid regex: boom")]
     assert not engine.has_unfinished_requests()
     engine.check_integrity()
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 6}, {"type": "string", "minLength": 1},
+                                    {"type": "object", "properties": {"k": {"type": "string", "maxLength": 3}},
+                                     "required": ["k"]}])
+def test_strings_take_no_control_characters(llm, schema):
+    """xgrammar alone lets a length-bounded string take U+0000-U+001F (invalid JSON); ours does not."""
+    from tokenmill.structured_output import GrammarCache, RequestGrammar
+
+    engine = llm.llm_engine
+    cache = GrammarCache(engine.tokenizer, engine.vocab_size, sorted(engine.eos_token_ids))
+    try:
+        compiled = cache.compile_now(StructuredOutputsParams(json=schema), timeout=60)
+    finally:
+        cache.close()
+    opening = '{"k": "' if schema["type"] == "object" else '"'
+    for ch in ("\x00", "\x15", "\x1f", "\t"):
+        assert not RequestGrammar(compiled).matcher.accept_string(opening + "a" + ch), repr(ch)
+    good = RequestGrammar(compiled).matcher
+    assert good.accept_string(opening + "ab\u00e9\"" + ("}" if schema["type"] == "object" else ""))

@@ -73,6 +73,22 @@ def _clean(e: Exception) -> str:
     return text.removeprefix("Check failed: (error.empty()) is false: ").strip()
 
 
+# xgrammar (0.2.9) writes the characters of a string with minLength / maxLength as [^"\\\r\n]: that
+# admits the raw control characters JSON forbids inside strings (a random model sampled U+0015 and
+# json.loads refused the output). Its unbounded strings already exclude \0-\x1f, as these now do.
+_BOUNDED_STRING_CHARS = r'[^\"\\\r\n]'
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\]'
+
+
+def json_schema_grammar(text: str):
+    """xgrammar's grammar of a JSON schema (compact: no whitespace beyond `": "` and `, `), with
+    every string character one JSON allows unescaped."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(text, any_whitespace=False))
+    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_STRING_CHARS, _JSON_STRING_CHARS))
+
+
 class GrammarCache:
     """Compiled grammars by (kind, text), least recently used dropped past `max_size`. Compiles run
     on a pool of `num_threads` threads; compile() never blocks."""
@@ -121,7 +137,7 @@ class GrammarCache:
             if kind == "json":
                 schema = json.loads(text)
                 check_json_schema(schema)
-                return self._compiler.compile_json_schema(text, any_whitespace=False)
+                return self._compiler.compile_grammar(json_schema_grammar(text))
             if kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
             if kind == "regex":
