@@ -25,9 +25,12 @@ def workload(tmp_path):
     return path
 
 
-def test_bench_profile_parts_add_up(ext, tiny_llama_dir, workload, tmp_path, capsys):
+@pytest.mark.parametrize("backend,layers", [("cpu", "layers in one C++ call"), ("torch", "layers in Python")])
+def test_bench_profile_parts_add_up(ext, tiny_llama_dir, workload, tmp_path, capsys, backend, layers):
+    """On the cpu backend the DecoderStack times its own parts; on the torch one the Python loop's
+    modules and kernels are wrapped one by one."""
     out = tmp_path / "profile.json"
-    rc = run_profile(tiny_llama_dir, workload, out, "2,6", 3)
+    rc = run_profile(tiny_llama_dir, workload, out, "2,6", 3, "--attention-backend", backend)
     assert rc == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
@@ -45,6 +48,7 @@ def test_bench_profile_parts_add_up(ext, tiny_llama_dir, workload, tmp_path, cap
         assert r["context_tokens"] > sum(prompt_lens[:n]) + n
         assert r["attention_gb_s"] > 0 and r["projection_tflop_s"] > 0
     assert "paged attention" in printed and "TFLOP/s" in printed and "2 req" in printed
+    assert layers in printed
 
 
 def test_profile_leaves_no_block_behind(ext, tiny_llama_dir, workload):
