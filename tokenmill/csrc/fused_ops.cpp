@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_vec.h"
 #include "ops.h"
@@ -105,16 +106,22 @@ void silu_mul_row(const T* g, const T* u, T* out, int64_t n) {
   });
 }
 
+// One token's cos/sin rows rounded to T (HF casts the tables to the activations' dtype), once for
+// all of the token's heads.
+template <typename T>
+inline void round_row(const T* tag, const float* src, float* dst, int64_t n) {
+  for_vectors(n, [&](int64_t i, int64_t w) { st(dst + i, round_to(tag, ld(src + i, w)), w); });
+}
+
 // One head of one token: x[i], x[i + half] -> x * c - x2 * s, x2 * c' + x * s', each product and
-// the sum rounded to T; the float32 tables are first rounded to T (HF casts them to the
-// activations' dtype).
+// the sum rounded to T; c and s are the token's table rows already rounded to T.
 template <typename T>
 inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
   const T* tag = x;
   for_vectors(half, [&](int64_t i, int64_t w) {
     const vfloat x1 = ld(x + i, w), x2 = ld(x + half + i, w);
-    const vfloat c1 = round_to(tag, ld(c + i, w)), s1 = round_to(tag, ld(s + i, w));
-    const vfloat c2 = round_to(tag, ld(c + half + i, w)), s2 = round_to(tag, ld(s + half + i, w));
+    const vfloat c1 = ld(c + i, w), s1 = ld(s + i, w);
+    const vfloat c2 = ld(c + half + i, w), s2 = ld(s + half + i, w);
     const vfloat o1 = round_to(tag, x1 * c1) - round_to(tag, x2 * s1);
     const vfloat o2 = round_to(tag, x2 * c2) + round_to(tag, x1 * s2);
     st(x + i, o1, w);
@@ -216,8 +223,18 @@ void rotary_embedding(torch::Tensor& x, const torch::Tensor& positions, const to
     T* xp = x.data_ptr<T>();
     const int64_t st0 = x.stride(0), st1 = x.stride(1);
     at::parallel_for(0, T_, grain_rows(H * D), [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        for (int64_t h = 0; h < H; ++h) rotate_head(xp + t * st0 + h * st1, cp + pos[t] * D, sp + pos[t] * D, D / 2);
+      std::vector<float> rounded(std::is_same_v<T, float> ? 0 : 2 * D);
+      for (int64_t t = b; t < e; ++t) {
+        const float* c = cp + pos[t] * D;
+        const float* s = sp + pos[t] * D;
+        if constexpr (!std::is_same_v<T, float>) {  // (rounding float32 to float32 is the identity)
+          round_row(xp, c, rounded.data(), D);
+          round_row(xp, s, rounded.data() + D, D);
+          c = rounded.data();
+          s = rounded.data() + D;
+        }
+        for (int64_t h = 0; h < H; ++h) rotate_head(xp + t * st0 + h * st1, c, s, D / 2);
+      }
     });
   });
 }
