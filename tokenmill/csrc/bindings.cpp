@@ -24,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("window") = 0)
       .def("add_layer", &DecoderStack::add_layer, "append a layer: its two norms' weights and its 4 linears",
            py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("linears"))
-      .def_property_readonly("num_layers", &DecoderStack::num_layers)
       .def("forward", &DecoderStack::forward, "every layer over a flat batch: (hidden, residual)", py::arg("x"),
            py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("kv_caches"), py::arg("slot_mapping"),
            py::arg("block_tables"), py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("work_plan"),

@@ -49,7 +49,6 @@ class DecoderStack {
   // linears: (weight, bias, packed) of qkv_proj, o_proj, gate_up_proj, down_proj.
   void add_layer(torch::Tensor input_norm, torch::Tensor post_attention_norm,
                  const std::vector<std::tuple<torch::Tensor, std::optional<torch::Tensor>, bool>>& linears);
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   // x: the embeddings [T, hidden]; returns (the last layer's MLP output, the residual stream before it).
   std::tuple<torch::Tensor, torch::Tensor> forward(
       torch::Tensor x, const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin,

@@ -75,7 +75,7 @@ class DecoderStack:
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             if not (plain(layer, DecoderLayer) and plain(attn, Attention) and plain(mlp, MLP) and mlp.act == "silu"
                     and layer.residual_multiplier == 1.0 and attn.softcap is None and attn.rope_key == "default"
-                    and all(plain(n, RMSNorm) and n.eps == norms[0].eps == first.input_layernorm.eps for n in norms)
+                    and all(plain(n, RMSNorm) and n.eps == first.input_layernorm.eps for n in norms)
                     and (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, attn.sliding_window)
                     == (attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, attn0.scale, attn0.sliding_window)
                     and attn.backend is backend and mlp.ops is ops):
